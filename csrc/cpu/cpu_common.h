@@ -1,0 +1,80 @@
+// Helpers shared by the CPU kernels: argument checks, hyper-parameter packing,
+// and the at::vec specialization of MathOps.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../path_sgd_math.h"
+
+namespace pathsgd {
+
+// Vectorized specialization so path_sgd_element / abs_pow run on SIMD lanes.
+template <typename S>
+struct MathOps<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V abs(V x) { return x.abs(); }
+  static V max_keep_nan(V x, V lo) { return V::blendv(x, lo, x < lo); }
+  static V min_keep_nan(V x, V hi) { return V::blendv(x, hi, x > hi); }
+  static V pow(V x, V e) { return x.pow(e); }
+};
+
+// Elements per parallel chunk for element-wise loops: large enough that
+// at::parallel_for overhead is negligible.
+constexpr int64_t kElementGrain = 32768;
+
+template <typename S>
+SgdParams<S> make_sgd_params(double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+                             double dampening, double weight_decay, bool nesterov, bool maximize,
+                             bool first_step, double eps, std::optional<double> clamp_min,
+                             std::optional<double> clamp_max) {
+  SgdParams<S> h;
+  // On CPU a tensor lr costs no device synchronization to read.
+  h.lr = static_cast<S>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr);
+  h.momentum = static_cast<S>(momentum);
+  h.dampening = static_cast<S>(dampening);
+  h.weight_decay = static_cast<S>(weight_decay);
+  h.eps = static_cast<S>(eps);
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  h.first_step = first_step;
+  h.has_momentum = momentum != 0.0;
+  h.has_clamp_min = clamp_min.has_value();
+  h.has_clamp_max = clamp_max.has_value();
+  h.clamp_min = static_cast<S>(clamp_min.value_or(0.0));
+  h.clamp_max = static_cast<S>(clamp_max.value_or(0.0));
+  return h;
+}
+
+inline void check_log_scale(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kDouble,
+              "pathsgd: ", name, " must be a 0-dim float64 tensor, got shape ", t.sizes(), " and dtype ",
+              t.scalar_type());
+}
+
+inline void check_gamma(const at::Tensor& gamma, int64_t size, at::ScalarType opmath, const char* name) {
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == size, "pathsgd: ", name, " must have shape [", size,
+              "], got ", gamma.sizes());
+  TORCH_CHECK(gamma.scalar_type() == opmath, "pathsgd: ", name, " must have dtype ", opmath, ", got ",
+              gamma.scalar_type());
+}
+
+// Runs fn on a contiguous version of `t` and writes the result back when `t`
+// itself is not contiguous (a rare case: costs one temporary of t's size).
+template <typename Fn>
+void with_contiguous(const at::Tensor& t, Fn&& fn) {
+  if (t.is_contiguous()) {
+    fn(t);
+  } else {
+    at::Tensor c = t.contiguous();
+    fn(c);
+    t.copy_(c);
+  }
+}
+
+}  // namespace pathsgd

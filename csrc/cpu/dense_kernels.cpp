@@ -1,0 +1,241 @@
+// CPU kernels for dense (nn.Linear) layers: the forward gamma pass and the
+// fused backward pass that accumulates gamma_out and applies the update.
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace pathsgd {
+namespace {
+
+using at::vec::Vectorized;
+
+// Rescales y (whose true value is y * exp(log_scale), plus an optional addend
+// at scale 1) to a vector with max in [1, 2]; returns the new log scale.
+// An all-zero result keeps log scale 0 so it stays an exact zero.
+template <typename opmath_t>
+double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const opmath_t* addend) {
+  double y_max = 0.0, add_max = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    y_max = std::max(y_max, static_cast<double>(y[i]));
+    if (addend) add_max = std::max(add_max, static_cast<double>(addend[i]));
+  }
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double log_y = y_max > 0 ? log_scale + std::log(y_max) : ninf;
+  const double log_add = add_max > 0 ? std::log(add_max) : ninf;
+  const double t = std::max(log_y, log_add);
+  if (t == ninf) {
+    for (int64_t i = 0; i < n; ++i) y[i] = opmath_t(0);
+    return 0.0;
+  }
+  const opmath_t y_factor = static_cast<opmath_t>(std::exp(log_scale - t));
+  const opmath_t add_factor = static_cast<opmath_t>(std::exp(-t));
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = y[i] * y_factor + (addend ? addend[i] * add_factor : opmath_t(0));
+  }
+  return t;
+}
+
+template <typename scalar_t>
+void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, const at::Tensor& gamma_in,
+                          double in_log_scale, double p, at::Tensor& out, double& out_log_scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const scalar_t* W = weight.const_data_ptr<scalar_t>();
+  const opmath_t* x = gamma_in.const_data_ptr<opmath_t>();
+  opmath_t* y = out.mutable_data_ptr<opmath_t>();
+  const PowKind kind = pow_kind(p);
+  const opmath_t pp = static_cast<opmath_t>(p);
+  // Row-parallel dot products: each row is reduced by one thread in a fixed
+  // order, so the result does not depend on the number of threads.
+  at::parallel_for(0, rows, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const scalar_t* w = W + i * cols;
+      int64_t j = 0;
+      opmath_t sum = opmath_t(0);
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        using V = Vectorized<opmath_t>;
+        V acc(opmath_t(0));
+        for (; j + V::size() <= cols; j += V::size()) {
+          acc = acc + abs_pow(V::loadu(w + j), kind, pp) * V::loadu(x + j);
+        }
+        sum = at::vec::vec_reduce_all([](V a, V b) { return a + b; }, acc);
+      }
+      for (; j < cols; ++j) sum += abs_pow(static_cast<opmath_t>(w[j]), kind, pp) * x[j];
+      y[i] = sum;
+    }
+  });
+  std::vector<opmath_t> bias_pow;
+  if (bias) {
+    const at::Tensor b = bias->contiguous();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    bias_pow.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) bias_pow[i] = abs_pow(static_cast<opmath_t>(bp[i]), kind, pp);
+  }
+  out_log_scale = normalize_log_scaled(y, rows, in_log_scale, bias ? bias_pow.data() : nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale,
+                                                     double p) {
+  TORCH_CHECK(weight.dim() == 2, "pathsgd.gamma_forward: weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(p >= 1.0, "pathsgd.gamma_forward: p must be >= 1, got ", p);
+  const auto opmath = at::toOpMathType(weight.scalar_type());
+  check_gamma(gamma_in, weight.size(1), opmath, "gamma_in");
+  check_log_scale(gamma_in_log_scale, "gamma_in_log_scale");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "pathsgd.gamma_forward: bias must have shape [",
+                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "pathsgd.gamma_forward: bias dtype ",
+                bias->scalar_type(), " differs from weight dtype ", weight.scalar_type());
+  }
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor x = gamma_in.contiguous();
+  at::Tensor out = at::empty({weight.size(0)}, gamma_in.options());
+  double out_log_scale = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gamma_forward_cpu", [&] {
+    gamma_forward_kernel<scalar_t>(w, bias.has_value() ? &*bias : nullptr, x, gamma_in_log_scale.item<double>(), p,
+                                   out, out_log_scale);
+  });
+  return {out, at::scalar_tensor(out_log_scale, gamma_in_log_scale.options())};
+}
+
+// kappa_ij^(2/p) = row_scale_i * col_scale_j, split so neither factor leaves
+// the opmath range when the gamma vectors themselves would.
+template <typename opmath_t>
+void kappa_pow_factors(const opmath_t* gamma_out, int64_t rows, const opmath_t* gamma_in, int64_t cols, double log_scale,
+                       double p, std::vector<opmath_t>& row_scale, std::vector<opmath_t>& col_scale) {
+  const double e = 2.0 / p;
+  row_scale.resize(rows);
+  col_scale.resize(cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    const double g = static_cast<double>(gamma_out[i]);
+    row_scale[i] = g > 0 ? static_cast<opmath_t>(std::exp(e * (std::log(g) + log_scale))) : opmath_t(0);
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    col_scale[j] = static_cast<opmath_t>(std::pow(static_cast<double>(gamma_in[j]), e));
+  }
+}
+
+// One column block [j0, j1) of the fused pass, walking all rows in order so each
+// column of gamma_out_prev is summed in a fixed order whatever the thread count.
+template <typename scalar_t, bool kUpdate>
+void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
+                        scalar_t* B, const at::opmath_type<scalar_t>* gout,
+                        const at::opmath_type<scalar_t>* row_scale, const at::opmath_type<scalar_t>* col_scale,
+                        at::opmath_type<scalar_t>* y, PowKind kind, at::opmath_type<scalar_t> p,
+                        const SgdParams<at::opmath_type<scalar_t>>& h) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t j = j0; j < j1; ++j) y[j] = opmath_t(0);
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* w = W + i * cols;
+    const scalar_t* g = kUpdate ? G + i * cols : nullptr;
+    scalar_t* b = (kUpdate && h.has_momentum) ? B + i * cols : nullptr;
+    const opmath_t go = gout[i];
+    const opmath_t rs = kUpdate ? row_scale[i] : opmath_t(0);
+    int64_t j = j0;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      using V = Vectorized<opmath_t>;
+      const V vgo(go), vrs(rs);
+      for (; j + V::size() <= j1; j += V::size()) {
+        const V wv = V::loadu(w + j);
+        (V::loadu(y + j) + abs_pow(wv, kind, p) * vgo).store(y + j);
+        if constexpr (kUpdate) {
+          V bv = b ? V::loadu(b + j) : V(opmath_t(0));
+          path_sgd_element(wv, V::loadu(g + j), bv, vrs * V::loadu(col_scale + j), h).store(w + j);
+          if (b) bv.store(b + j);
+        }
+      }
+    }
+    for (; j < j1; ++j) {
+      const opmath_t wv = static_cast<opmath_t>(w[j]);
+      y[j] += abs_pow(wv, kind, p) * go;
+      if constexpr (kUpdate) {
+        opmath_t bv = b ? static_cast<opmath_t>(b[j]) : opmath_t(0);
+        w[j] = static_cast<scalar_t>(path_sgd_element(wv, static_cast<opmath_t>(g[j]), bv, rs * col_scale[j], h));
+        if (b) b[j] = static_cast<scalar_t>(bv);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
+    at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& momentum_buffer,
+    const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale, const at::Tensor& gamma_out,
+    const at::Tensor& gamma_out_log_scale, double p, double lr, double momentum, double dampening,
+    double weight_decay, bool nesterov, bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
+    std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
+  TORCH_CHECK(weight.dim() == 2, "pathsgd.fused_dense_step_: weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK(p >= 1.0, "pathsgd.fused_dense_step_: p must be >= 1, got ", p);
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const auto opmath = at::toOpMathType(weight.scalar_type());
+  check_gamma(gamma_in, cols, opmath, "gamma_in");
+  check_gamma(gamma_out, rows, opmath, "gamma_out");
+  check_log_scale(gamma_in_log_scale, "gamma_in_log_scale");
+  check_log_scale(gamma_out_log_scale, "gamma_out_log_scale");
+  const bool update = grad.has_value();
+  const bool use_buffer = update && momentum != 0.0;
+  if (update) {
+    TORCH_CHECK(grad->sizes() == weight.sizes() && grad->scalar_type() == weight.scalar_type(),
+                "pathsgd.fused_dense_step_: grad (shape ", grad->sizes(), ", dtype ", grad->scalar_type(),
+                ") must match weight (shape ", weight.sizes(), ", dtype ", weight.scalar_type(), ")");
+    TORCH_CHECK(!grad->is_sparse(), "pathsgd.fused_dense_step_: sparse gradients are not supported");
+  }
+  if (use_buffer) {
+    TORCH_CHECK(momentum_buffer.has_value(), "pathsgd.fused_dense_step_: momentum != 0 needs a momentum_buffer");
+    TORCH_CHECK(momentum_buffer->sizes() == weight.sizes() && momentum_buffer->scalar_type() == weight.scalar_type() &&
+                    momentum_buffer->is_contiguous(),
+                "pathsgd.fused_dense_step_: momentum_buffer must be a contiguous tensor shaped and typed like weight");
+  }
+  const at::Tensor gin = gamma_in.contiguous();
+  const at::Tensor gout = gamma_out.contiguous();
+  at::Tensor y = at::empty({cols}, gamma_in.options());
+  const at::Tensor g = update ? grad->contiguous() : at::Tensor();
+  double out_log_scale = 0.0;
+  with_contiguous(weight, [&](const at::Tensor& w) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fused_dense_step_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const opmath_t* go = gout.const_data_ptr<opmath_t>();
+      const opmath_t* gi = gin.const_data_ptr<opmath_t>();
+      std::vector<opmath_t> row_scale, col_scale;
+      SgdParams<opmath_t> h;
+      if (update) {
+        h = make_sgd_params<opmath_t>(lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
+                                      first_step, eps, clamp_min, clamp_max);
+        kappa_pow_factors(go, rows, gi, cols,
+                          gamma_in_log_scale.item<double>() + gamma_out_log_scale.item<double>(), p, row_scale,
+                          col_scale);
+      }
+      scalar_t* W = w.mutable_data_ptr<scalar_t>();
+      const scalar_t* G = update ? g.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* B = use_buffer ? momentum_buffer->mutable_data_ptr<scalar_t>() : nullptr;
+      opmath_t* Y = y.mutable_data_ptr<opmath_t>();
+      const PowKind kind = pow_kind(p);
+      const opmath_t pp = static_cast<opmath_t>(p);
+      // Column blocks: each thread owns whole columns, so there is no cross-thread reduction.
+      const int64_t grain = std::max<int64_t>(64, kElementGrain / std::max<int64_t>(rows, 1));
+      at::parallel_for(0, cols, grain, [&](int64_t j0, int64_t j1) {
+        if (update) {
+          dense_column_block<scalar_t, true>(rows, cols, j0, j1, W, G, B, go, row_scale.data(), col_scale.data(), Y,
+                                             kind, pp, h);
+        } else {
+          dense_column_block<scalar_t, false>(rows, cols, j0, j1, W, G, B, go, nullptr, nullptr, Y, kind, pp, h);
+        }
+      });
+      out_log_scale = normalize_log_scaled(Y, cols, gamma_out_log_scale.item<double>(), static_cast<opmath_t*>(nullptr));
+    });
+  });
+  return {y, at::scalar_tensor(out_log_scale, gamma_out_log_scale.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pathsgd, CPU, m) {
+  m.impl("gamma_forward", &gamma_forward_cpu);
+  m.impl("fused_dense_step_", &fused_dense_step_cpu);
+}
+
+}  // namespace pathsgd

@@ -1,0 +1,38 @@
+// Operator schemas of pathsgd. Each backend registers its kernels in its own
+// file (csrc/cpu/*.cpp, csrc/cuda/*.cu); Python calls them only through
+// pathsgd/ops.py, which also holds the fake (meta) kernels for torch.compile.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing pathsgd._C runs the static TORCH_LIBRARY initializers below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pathsgd, m) {
+  // gamma_out * exp(out_log_scale) = |W|^p (gamma_in * exp(in_log_scale)) + |b|^p,
+  // with gamma_out normalized to max 1 (see DESIGN.md section 2, numerics).
+  m.def(
+      "gamma_forward(Tensor weight, Tensor? bias, Tensor gamma_in, Tensor gamma_in_log_scale, "
+      "float p) -> (Tensor, Tensor)");
+  // One pass over W (and grad, momentum buffer): returns the normalized
+  // gamma_out of the layer's input, |W_old|^pT gamma_out, and, when grad is
+  // given, applies the Path-SGD update with kappa_ij = gamma_out_i * gamma_in_j.
+  m.def(
+      "fused_dense_step_(Tensor(a!) weight, Tensor? grad, Tensor(b!)? momentum_buffer, "
+      "Tensor gamma_in, Tensor gamma_in_log_scale, Tensor gamma_out, Tensor gamma_out_log_scale, "
+      "float p, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool first_step, float eps, float? clamp_min, float? clamp_max, "
+      "Tensor? lr_tensor) -> (Tensor, Tensor)");
+  // Multi-tensor Path-SGD update with materialized float64 kappa (conv weights, biases).
+  m.def(
+      "scaled_sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor[] kappas, float p, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step, float eps, float? clamp_min, "
+      "float? clamp_max, Tensor? lr_tensor) -> ()");
+  // Multi-tensor clamp_(lo, hi) (WGAN weight clipping).
+  m.def("clamp_(Tensor(a!)[] tensors, float lo, float hi) -> ()");
+}

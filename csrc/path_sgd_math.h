@@ -1,0 +1,88 @@
+// Scalar/vector math shared by the CPU (at::vec) and CUDA kernels: one definition of the
+// Path-SGD element update, so every backend applies exactly the same formula.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define PATHSGD_HD __host__ __device__ __forceinline__
+#else
+#define PATHSGD_HD inline
+#endif
+
+namespace pathsgd {
+
+// How |w|^p is computed: w*w for p=2 and |w| for p=1 are exact and cheap; only
+// other p pay for exp(p*log|w|).
+enum class PowKind : int { kAbs = 1, kSquare = 2, kGeneral = 0 };
+
+inline PowKind pow_kind(double p) {
+  if (p == 1.0) return PowKind::kAbs;
+  if (p == 2.0) return PowKind::kSquare;
+  return PowKind::kGeneral;
+}
+
+// Elementary functions for a scalar opmath type. The CPU code specializes this
+// for at::vec::Vectorized<T> so the same templates below serve both.
+template <typename T>
+struct MathOps {
+  static PATHSGD_HD T abs(T x) { return x < T(0) ? -x : x; }
+  // NaN-propagating max/min (like torch.clamp): a NaN in x survives.
+  static PATHSGD_HD T max_keep_nan(T x, T lo) { return x < lo ? lo : x; }
+  static PATHSGD_HD T min_keep_nan(T x, T hi) { return x > hi ? hi : x; }
+  static PATHSGD_HD T pow(T x, T e) {
+#if defined(__CUDA_ARCH__)
+    return ::pow(x, e);
+#else
+    return std::pow(x, e);
+#endif
+  }
+};
+
+template <typename T, typename S>
+PATHSGD_HD T abs_pow(T w, PowKind kind, S p) {
+  using M = MathOps<T>;
+  if (kind == PowKind::kSquare) return w * w;
+  if (kind == PowKind::kAbs) return M::abs(w);
+  return M::pow(M::abs(w), T(p));
+}
+
+// Hyper-parameters of one SGD update, in opmath precision.
+template <typename S>
+struct SgdParams {
+  S lr = S(0);
+  S momentum = S(0);
+  S dampening = S(0);
+  S weight_decay = S(0);
+  S eps = S(0);
+  S clamp_min = S(0);
+  S clamp_max = S(0);
+  bool nesterov = false;
+  bool maximize = false;
+  bool first_step = false;  // momentum buffer is initialized to g_tilde (torch.optim.SGD semantics)
+  bool has_momentum = false;
+  bool has_clamp_min = false;
+  bool has_clamp_max = false;
+};
+
+// One Path-SGD element update: the exact torch.optim.SGD update applied to
+//   g_tilde = g / max(kappa^(2/p), eps)
+// followed by the optional clamp. `kappa_pow` is kappa^(2/p). Returns the new
+// weight and updates `buf` in place when momentum is on.
+template <typename T, typename S>
+PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>& h) {
+  using M = MathOps<T>;
+  if (h.maximize) g = T(S(0)) - g;
+  T d = g / M::max_keep_nan(kappa_pow, T(h.eps));
+  if (h.weight_decay != S(0)) d = d + T(h.weight_decay) * w;
+  if (h.has_momentum) {
+    buf = h.first_step ? d : T(h.momentum) * buf + T(S(1) - h.dampening) * d;
+    d = h.nesterov ? d + T(h.momentum) * buf : buf;
+  }
+  w = w - T(h.lr) * d;
+  if (h.has_clamp_min) w = M::max_keep_nan(w, T(h.clamp_min));
+  if (h.has_clamp_max) w = M::min_keep_nan(w, T(h.clamp_max));
+  return w;
+}
+
+}  // namespace pathsgd

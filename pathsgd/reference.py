@@ -1,0 +1,138 @@
+"""Pure-PyTorch twin of every compiled op in ``csrc/``.
+
+Same names, same signatures, same semantics as ``torch.ops.pathsgd.*``. It is
+the fallback backend when the extension is not built (or
+``PATHSGD_BACKEND=reference``) and the oracle the kernel tests compare against.
+It favours obviousness over memory: ``fused_dense_step_`` materializes kappa
+here, which the compiled kernels never do.
+
+Notation (DESIGN.md section 1): ``a_e = |w_e|^p``; a gamma vector is stored as
+``(gamma, log_scale)`` with true value ``gamma * exp(log_scale)`` and ``gamma``
+normalized to a maximum in [1, 2] (or all zero), so deep networks stay in range.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the arithmetic for parameters of ``dtype`` (float32 for half types)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def abs_pow(w: Tensor, p: float) -> Tensor:
+    """``|w|^p``, exact for p=1 and p=2."""
+    if p == 2:
+        return w * w
+    if p == 1:
+        return w.abs()
+    return w.abs().pow(p)
+
+
+def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2].
+
+    An all-zero result is returned as zeros with log scale 0.
+    """
+    ninf = torch.tensor(-math.inf, dtype=torch.float64, device=y.device)
+    y_max = y.amax().double() if y.numel() else ninf.exp()
+    log_y = torch.where(y_max > 0, log_scale + y_max.log(), ninf)
+    if addend is not None:
+        add_max = addend.amax().double()
+        log_add = torch.where(add_max > 0, add_max.log(), ninf)
+    else:
+        log_add = ninf
+    t = torch.maximum(log_y, log_add)
+    t = torch.where(torch.isinf(t), torch.zeros_like(t), t)
+    v = y * (log_scale - t).exp().to(y.dtype)
+    if addend is not None:
+        v = v + addend * (-t).exp().to(y.dtype)
+    # An all-zero input must stay exactly zero (exp(log_scale - 0) could be inf).
+    v = torch.where(log_y.isinf() & log_add.isinf(), torch.zeros_like(v), v)
+    return v, t
+
+
+def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamma_in_log_scale: Tensor,
+                  p: float) -> Tuple[Tensor, Tensor]:
+    """Normalized ``|W|^p (gamma_in * exp(s)) + |b|^p`` of a dense layer (W is out x in)."""
+    opmath = opmath_dtype(weight.dtype)
+    y = abs_pow(weight.to(opmath), p) @ gamma_in
+    addend = abs_pow(bias.to(opmath), p) if bias is not None else None
+    return normalize_log_scaled(y, gamma_in_log_scale, addend)
+
+
+def kappa_pow(kappa: Tensor, p: float) -> Tensor:
+    """``kappa^(2/p)``."""
+    return kappa if p == 2 else kappa.pow(2.0 / p)
+
+
+def sgd_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], kappa_pow_: Tensor, lr: float,
+                momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+                first_step: bool, eps: float, clamp_min: Optional[float], clamp_max: Optional[float],
+                lr_tensor: Optional[Tensor] = None) -> None:
+    """torch.optim.SGD's update on ``g / max(kappa_pow_, eps)``, then clamp; in opmath precision."""
+    opmath = opmath_dtype(param.dtype)
+    w = param.to(opmath)
+    g = grad.to(opmath)
+    if maximize:
+        g = -g
+    d = g / kappa_pow_.to(opmath).clamp_min(eps)
+    if weight_decay != 0:
+        d = d + weight_decay * w
+    if momentum != 0:
+        if first_step:
+            buf = d
+        else:
+            buf = momentum * momentum_buffer.to(opmath) + (1 - dampening) * d
+        momentum_buffer.copy_(buf)
+        d = d + momentum * buf if nesterov else buf
+    lr_ = lr_tensor.to(device=param.device, dtype=opmath) if lr_tensor is not None else lr
+    w = w - lr_ * d
+    if clamp_min is not None or clamp_max is not None:
+        w = w.clamp(clamp_min, clamp_max)
+    param.copy_(w)
+
+
+def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: Optional[Tensor], gamma_in: Tensor,
+                      gamma_in_log_scale: Tensor, gamma_out: Tensor, gamma_out_log_scale: Tensor, p: float,
+                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
+                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Normalized ``|W_old|^pT gamma_out`` and, if ``grad`` is given, the Path-SGD update of W.
+
+    ``kappa_ij = gamma_out_i * gamma_in_j * exp(s_out + s_in)``.
+    """
+    opmath = opmath_dtype(weight.dtype)
+    y = abs_pow(weight.to(opmath), p).t() @ gamma_out
+    if grad is not None:
+        log_scale = gamma_in_log_scale + gamma_out_log_scale
+        # Built in float64 as exp(2/p * log kappa) so an out-of-range gamma does not overflow.
+        log_kappa = (torch.outer(gamma_out.double().log(), torch.ones_like(gamma_in, dtype=torch.float64))
+                     + gamma_in.double().log().unsqueeze(0) + log_scale)
+        sgd_update_(weight, grad, momentum_buffer, (log_kappa * (2.0 / p)).exp(), lr, momentum, dampening,
+                    weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+    return normalize_log_scaled(y, gamma_out_log_scale)
+
+
+def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+                       kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
+                       weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,
+                       clamp_min: Optional[float], clamp_max: Optional[float],
+                       lr_tensor: Optional[Tensor] = None) -> None:
+    """Path-SGD update of each param with its materialized float64 ``kappa``."""
+    for i, (param, grad, kappa) in enumerate(zip(params, grads, kappas)):
+        buf = momentum_buffers[i] if momentum != 0 else None
+        sgd_update_(param, grad, buf, kappa_pow(kappa, p), lr, momentum, dampening, weight_decay, nesterov,
+                    maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+
+
+def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
+    """In-place ``t.clamp_(lo, hi)`` for every tensor."""
+    if lo > hi:
+        raise ValueError(f"pathsgd.clamp_: lo must be <= hi, got lo={lo}, hi={hi}")
+    for t in tensors:
+        t.clamp_(lo, hi)
