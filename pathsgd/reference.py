@@ -65,6 +65,12 @@ def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamm
     return normalize_log_scaled(y, gamma_in_log_scale, addend)
 
 
+def gamma_backward(weight: Tensor, gamma_out: Tensor, gamma_out_log_scale: Tensor, p: float) -> Tuple[Tensor, Tensor]:
+    """Normalized ``|W|^pT (gamma_out * exp(s))``: gamma_out of a dense layer's input."""
+    opmath = opmath_dtype(weight.dtype)
+    return normalize_log_scaled(abs_pow(weight.to(opmath), p).t() @ gamma_out, gamma_out_log_scale)
+
+
 def kappa_pow(kappa: Tensor, p: float) -> Tensor:
     """``kappa^(2/p)``."""
     return kappa if p == 2 else kappa.pow(2.0 / p)
@@ -106,8 +112,7 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
 
     ``kappa_ij = gamma_out_i * gamma_in_j * exp(s_out + s_in)``.
     """
-    opmath = opmath_dtype(weight.dtype)
-    y = abs_pow(weight.to(opmath), p).t() @ gamma_out
+    gamma_prev = gamma_backward(weight, gamma_out, gamma_out_log_scale, p)  # from the old weights
     if grad is not None:
         log_scale = gamma_in_log_scale + gamma_out_log_scale
         # Built in float64 as exp(2/p * log kappa) so an out-of-range gamma does not overflow.
@@ -115,7 +120,7 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
                      + gamma_in.double().log().unsqueeze(0) + log_scale)
         sgd_update_(weight, grad, momentum_buffer, (log_kappa * (2.0 / p)).exp(), lr, momentum, dampening,
                     weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
-    return normalize_log_scaled(y, gamma_out_log_scale)
+    return gamma_prev
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],

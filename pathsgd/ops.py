@@ -1,0 +1,170 @@
+"""Thin wrappers around the compiled ops ``torch.ops.pathsgd.*``, their fake
+kernels (for ``torch.compile``), and the backend choice.
+
+Each wrapper runs the compiled kernel when one is registered for the tensors'
+device and otherwise the pure-PyTorch twin in :mod:`pathsgd.reference`, with a
+one-time warning that says why. ``PATHSGD_BACKEND=reference`` forces the twin.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_OP_NAMES = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_")
+
+
+def _load_extension() -> Optional[str]:
+    """Imports pathsgd._C; returns None on success, else why the reference backend is used."""
+    choice = os.environ.get("PATHSGD_BACKEND", "auto")
+    if choice not in ("auto", "compiled", "reference"):
+        raise ValueError(f"PATHSGD_BACKEND must be 'auto', 'compiled' or 'reference', got {choice!r}")
+    if choice == "reference":
+        return "PATHSGD_BACKEND=reference is set"
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.pathsgd.*)
+    except ImportError as exc:
+        reason = f"the compiled extension pathsgd._C could not be imported ({exc})"
+        try:
+            from ._build_info import TORCH_VERSION
+            if TORCH_VERSION != torch.__version__:
+                reason += (f"; it was built against torch {TORCH_VERSION} but torch {torch.__version__} is "
+                           "installed: rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`")
+        except ImportError:
+            reason += "; build it with `pip install --no-build-isolation .`"
+        if choice == "compiled":
+            raise ImportError(f"PATHSGD_BACKEND=compiled but {reason}") from exc
+        return reason
+    return None
+
+
+_UNAVAILABLE_REASON = _load_extension()
+_warned: set = set()
+
+
+def _check_build_matches_torch() -> None:
+    if _UNAVAILABLE_REASON is not None:
+        return
+    try:
+        from ._build_info import TORCH_VERSION
+    except ImportError:
+        return
+    if TORCH_VERSION != torch.__version__:
+        warnings.warn(
+            f"pathsgd._C was built against torch {TORCH_VERSION} but torch {torch.__version__} is installed; "
+            "rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`", RuntimeWarning)
+
+
+_check_build_matches_torch()
+
+
+def compiled_available() -> bool:
+    """True when pathsgd._C is loaded (and not overridden by PATHSGD_BACKEND=reference)."""
+    return _UNAVAILABLE_REASON is None
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when every op has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
+    if not compiled_available():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
+
+
+def backend_for(device_type: str) -> str:
+    """'compiled' or 'reference': what the ops use for tensors on ``device_type``."""
+    return "compiled" if has_kernel(device_type) else "reference"
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    if has_kernel(device_type):
+        return None
+    if _UNAVAILABLE_REASON is not None:
+        return _UNAVAILABLE_REASON
+    return f"pathsgd._C was built without {device_type.upper()} kernels"
+
+
+def _use_compiled(t: Tensor) -> bool:
+    device_type = t.device.type
+    if device_type == "meta" or has_kernel(device_type):
+        return compiled_available()
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"pathsgd: using the pure-PyTorch reference backend on {device_type} because "
+                      f"{unavailable_reason(device_type)}", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamma_in_log_scale: Tensor,
+                  p: float) -> Tuple[Tensor, Tensor]:
+    """Normalized ``(|W|^p gamma_in + |b|^p, log_scale)``; see :func:`pathsgd.reference.gamma_forward`."""
+    if _use_compiled(weight):
+        return torch.ops.pathsgd.gamma_forward.default(weight, bias, gamma_in, gamma_in_log_scale, p)
+    return reference.gamma_forward(weight, bias, gamma_in, gamma_in_log_scale, p)
+
+
+def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: Optional[Tensor], gamma_in: Tensor,
+                      gamma_in_log_scale: Tensor, gamma_out: Tensor, gamma_out_log_scale: Tensor, p: float,
+                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
+                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fused backward gamma pass + Path-SGD update of one dense weight; see the reference."""
+    args = (weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out, gamma_out_log_scale, p, lr,
+            momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+    if _use_compiled(weight):
+        return torch.ops.pathsgd.fused_dense_step_.default(*args)
+    return reference.fused_dense_step_(*args)
+
+
+def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+                       kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
+                       weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,
+                       clamp_min: Optional[float], clamp_max: Optional[float],
+                       lr_tensor: Optional[Tensor] = None) -> None:
+    """Multi-tensor Path-SGD update with materialized float64 kappa; see the reference."""
+    if not params:
+        return
+    args = (params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
+            first_step, eps, clamp_min, clamp_max, lr_tensor)
+    if _use_compiled(params[0]):
+        torch.ops.pathsgd.scaled_sgd_update_.default(*args)
+    else:
+        reference.scaled_sgd_update_(*args)
+
+
+def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
+    """Multi-tensor in-place clamp to ``[lo, hi]``."""
+    if not tensors:
+        return
+    if _use_compiled(tensors[0]):
+        torch.ops.pathsgd.clamp_.default(tensors, lo, hi)
+    else:
+        reference.clamp_(tensors, lo, hi)
+
+
+if compiled_available():
+    # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.
+    @torch.library.register_fake("pathsgd::gamma_forward")
+    def _gamma_forward_fake(weight, bias, gamma_in, gamma_in_log_scale, p):
+        return gamma_in.new_empty((weight.shape[0],)), gamma_in_log_scale.new_empty(())
+
+    @torch.library.register_fake("pathsgd::fused_dense_step_")
+    def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
+                               gamma_out_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                               first_step, eps, clamp_min, clamp_max, lr_tensor):
+        return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
+
+    @torch.library.register_fake("pathsgd::scaled_sgd_update_")
+    def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay,
+                                nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor):
+        return None
+
+    @torch.library.register_fake("pathsgd::clamp_")
+    def _clamp_fake(tensors, lo, hi):
+        return None

@@ -1,0 +1,268 @@
+"""PathSGD: torch.optim.SGD on path-scaled gradients (Neyshabur et al., 2015)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import ops
+from .graph import DenseChain, build_path_graph
+from .reference import opmath_dtype
+from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
+
+ClampArg = Union[None, float, Tuple[float, float]]
+
+__all__ = ["PathSGD", "path_sgd"]
+
+
+def normalize_clamp(clamp: ClampArg) -> Optional[Tuple[float, float]]:
+    """``None`` -> None, ``c`` -> ``(-c, c)``, ``(lo, hi)`` -> ``(lo, hi)``; validated."""
+    if clamp is None:
+        return None
+    if isinstance(clamp, (int, float)) and not isinstance(clamp, bool):
+        if not clamp >= 0:
+            raise ValueError(f"Invalid clamp value: {clamp!r} (clamp=c means (-c, c) and needs c >= 0)")
+        return (-float(clamp), float(clamp))
+    try:
+        lo, hi = clamp
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Invalid clamp: {clamp!r} (expected None, c, or (lo, hi))") from exc
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"Invalid clamp: {clamp!r} (needs lo <= hi, got lo={lo}, hi={hi})")
+    return (lo, hi)
+
+
+def _check_group(group: Dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    elif not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"Invalid learning rate: {lr} (needs a finite lr >= 0)")
+    for key in ("momentum", "weight_decay", "dampening"):
+        value = group[key]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"Invalid {key} value: {value}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    check_p(group["p"])
+    if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0):
+        raise ValueError(f"Invalid eps value: {group['eps']}")
+    group["clamp"] = normalize_clamp(group["clamp"])
+
+
+class PathSGD(Optimizer):
+    r"""Path-SGD: stochastic gradient descent with path-normalized gradients.
+
+    .. math::
+        \kappa_e = \sum_{\text{paths } \pi \ni e} \prod_{e' \in \pi, e' \ne e} |w_{e'}|^p,
+        \qquad \tilde g_e = g_e / \max(\kappa_e^{2/p}, \epsilon)
+
+    then exactly :class:`torch.optim.SGD`'s update on :math:`\tilde g`::
+
+        g <- -g if maximize
+        g_tilde <- g / max(kappa^(2/p), eps)          # kappa from the weights before this step
+        g_tilde <- g_tilde + weight_decay * w          # weight decay after scaling
+        b <- g_tilde (first step) | momentum * b + (1 - dampening) * g_tilde
+        g_tilde <- g_tilde + momentum * b (nesterov) | b
+        w <- w - lr * g_tilde
+        w <- clamp(w, lo, hi) if clamp
+
+    Training is invariant to node rescaling of ReLU networks (Theorem 4.1 of the
+    paper), unlike plain SGD. kappa is recomputed from the current weights every step
+    by fused kernels that never materialize it for dense layers.
+
+    Args:
+        params: the model (``nn.Module``), or parameters / param groups with ``model=``.
+        lr: learning rate (float or 1-element tensor). Default 0.01 (DESIGN.md section 4).
+        momentum: momentum factor. Default 0.9 (DESIGN.md section 4; torch.optim.SGD uses 0).
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty, added to the path-scaled gradient.
+        nesterov: Nesterov momentum.
+        maximize: maximize the objective.
+        p: the p of the path norm (>= 1).
+        clamp: ``None``, ``c`` for ``(-c, c)``, or ``(lo, hi)``: clamp after the step.
+        eps: lower bound of ``kappa^(2/p)``.
+        input_shape: input shape without batch dim (needed for convolutions).
+        model: the model, when ``params`` are parameters or param groups.
+        check_finite: raise before the step if a weight is non-finite (costs a sync).
+    """
+
+    def __init__(self, params: Union[nn.Module, Iterable[Tensor], Iterable[Dict[str, Any]]], lr: Union[float, Tensor] = 0.01,
+                 momentum: float = 0.9, dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, p: float = 2, clamp: ClampArg = None, eps: float = 1e-12,
+                 input_shape: Optional[Tuple[int, ...]] = None, model: Optional[nn.Module] = None,
+                 check_finite: bool = False) -> None:
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("PathSGD got a model both as the first argument and as model=")
+            model, params = params, list(params.parameters())
+        if model is None:
+            raise ValueError("PathSGD needs the model to build its path graph: PathSGD(model, ...) or "
+                             "PathSGD(param_groups, model=model, ...)")
+        self.graph = build_path_graph(model, input_shape)
+        self._param_names = {id(t): name for name, t in self.graph.named_parameters().items()}
+        self.check_finite = check_finite
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, p=p, clamp=clamp, eps=eps)
+        _check_group(dict(defaults))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group)
+            for param in group["params"]:
+                if id(param) not in self._param_names:
+                    raise ValueError(f"a parameter of shape {tuple(param.shape)} is not a parameter of the model "
+                                     "PathSGD was built for (pass the same model whose parameters you optimize)")
+                name = self._param_names[id(param)]
+                if param.is_complex():
+                    raise ValueError(f"PathSGD does not support complex parameters ('{name}')")
+                if param.device.type == "meta":
+                    raise ValueError(f"parameter '{name}' is on the meta device; materialize the model first")
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("clamp", None)
+            group.setdefault("eps", 1e-12)
+            group.setdefault("p", 2)
+
+    def param_name(self, param: Tensor) -> str:
+        return self._param_names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
+
+    def _collect_updates(self) -> Dict[Tensor, "ParamUpdate"]:
+        """Every parameter to update this step; raises (changing nothing) on bad input."""
+        updates: Dict[Tensor, ParamUpdate] = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                name = self.param_name(param)
+                if grad.is_sparse:
+                    raise RuntimeError(f"PathSGD does not support sparse gradients (parameter '{name}')")
+                if grad.is_complex() or param.is_complex():
+                    raise RuntimeError(f"PathSGD does not support complex parameters or gradients ('{name}')")
+                if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
+                    raise RuntimeError(f"gradient of '{name}' ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) does "
+                                       f"not match the parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
+                buffer = self.state[param].get("momentum_buffer") if group["momentum"] != 0 else None
+                updates[param] = ParamUpdate(param, grad, group, buffer)
+        if updates and self.check_finite:
+            for name, param in self.graph.named_parameters().items():
+                if not bool(torch.isfinite(param).all()):
+                    raise FloatingPointError(f"PathSGD(check_finite=True): parameter '{name}' has non-finite values")
+        return updates
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Optional[Any]:
+        """Performs a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        updates = self._collect_updates()
+        if updates:
+            path_sgd(self.graph, updates)
+            for update in updates.values():
+                if update.group["momentum"] != 0:
+                    self.state[update.param]["momentum_buffer"] = update.buffer
+        return loss
+
+
+@dataclass
+class ParamUpdate:
+    """One parameter's update this step; ``buffer`` is None until momentum first runs."""
+    param: Tensor
+    grad: Tensor
+    group: Dict[str, Any]
+    buffer: Optional[Tensor]
+    first_step: bool = False
+
+    @property
+    def p(self) -> float:
+        return self.group["p"]
+
+    def prepare_buffer(self) -> Optional[Tensor]:
+        """The momentum buffer to pass to a kernel (allocated, uninitialized, on the first step)."""
+        if self.group["momentum"] == 0:
+            return None
+        if self.buffer is None:
+            self.buffer = torch.empty_like(self.param, memory_format=torch.contiguous_format)
+            self.first_step = True
+        return self.buffer
+
+    def hyper(self) -> Dict[str, Any]:
+        """Hyper-parameter keyword arguments of the pathsgd ops."""
+        g = self.group
+        lr = g["lr"]
+        lo, hi = g["clamp"] if g["clamp"] is not None else (None, None)
+        return dict(p=float(g["p"]), lr=0.0 if isinstance(lr, Tensor) else float(lr), momentum=float(g["momentum"]),
+                    dampening=float(g["dampening"]), weight_decay=float(g["weight_decay"]),
+                    nesterov=bool(g["nesterov"]), maximize=bool(g["maximize"]), first_step=self.first_step,
+                    eps=float(g["eps"]), clamp_min=lo, clamp_max=hi, lr_tensor=lr if isinstance(lr, Tensor) else None)
+
+
+def _on(gamma: LogScaled, weight: Tensor) -> LogScaled:
+    """A gamma pair in the opmath dtype and on the device of ``weight`` (layers may differ)."""
+    v, s = gamma
+    return v.to(device=weight.device, dtype=opmath_dtype(weight.dtype)), s.to(weight.device)
+
+
+def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> None:
+    ps = sorted({u.p for u in updates.values()})
+    gamma_in = {p: chain_gamma_in(chain, p, lambda w, b, v, s, p_: ops.gamma_forward(w, b, *_on((v, s), w), p_))
+                for p in ps}
+    last = chain.layers[-1].weight
+    gamma_out = {p: unit_gamma(last.shape[0], opmath_dtype(last.dtype), last.device) for p in ps}
+    bias_batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
+    for index in reversed(range(len(chain.layers))):
+        layer = chain.layers[index]
+        bias_update = updates.get(layer.bias) if layer.bias is not None else None
+        if bias_update is not None:
+            v, s = _on(gamma_out[bias_update.p], layer.bias)
+            bias_update.prepare_buffer()
+            key = (id(bias_update.group), bias_update.first_step, layer.bias.device)
+            bias_batches.setdefault(key, []).append((bias_update, v.double() * s.exp()))
+        weight_update = updates.get(layer.weight)
+        # Read-only passes (other p values) must see the old weights: run them before the update.
+        order = sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
+        for p in order:
+            update = weight_update if weight_update is not None and weight_update.p == p else None
+            if update is None and index == 0:
+                continue
+            buffer = update.prepare_buffer() if update is not None else None
+            hyper = update.hyper() if update is not None else _READ_ONLY_HYPER
+            gamma_out[p] = ops.fused_dense_step_(
+                layer.weight, update.grad if update is not None else None, buffer,
+                *_on(gamma_in[p][index], layer.weight), *_on(gamma_out[p], layer.weight), **{**hyper, "p": float(p)})
+    for batch in bias_batches.values():
+        first = batch[0][0]
+        ops.scaled_sgd_update_([u.param for u, _ in batch], [u.grad for u, _ in batch],
+                               [u.buffer for u, _ in batch] if first.buffer is not None else [],
+                               [k for _, k in batch], **first.hyper())
+
+
+_READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                        first_step=False, eps=0.0, clamp_min=None, clamp_max=None, lr_tensor=None)
+
+
+def path_sgd(graph: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> None:
+    """Functional Path-SGD step over the parameters in ``updates`` (see :class:`PathSGD`)."""
+    if isinstance(graph, DenseChain):
+        _dense_chain_step(graph, updates)
+    else:
+        raise TypeError(f"pathsgd: no step implementation for path graph {type(graph).__name__}")

@@ -1,0 +1,96 @@
+"""Path norm and path scales (kappa) of a model.
+
+For a dense chain with ``a = |w|^p``:
+
+    gamma_in(0) = 1,  gamma_in(l) = |W_l|^p gamma_in(l-1) + |b_l|^p
+    gamma_out(L) = 1, gamma_out(l-1) = |W_l|^pT gamma_out(l)
+    phi_p(w)^p = sum(gamma_in(L)),  kappa(W_l)_ij = gamma_out(l)_i gamma_in(l-1)_j,  kappa(b_l)_i = gamma_out(l)_i
+
+Gamma vectors are carried as (normalized vector, float64 log scale) pairs so
+deep networks neither overflow nor underflow (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import reference
+from .graph import DenseChain, build_path_graph
+
+LogScaled = Tuple[Tensor, Tensor]  # (gamma normalized to max in [1, 2], float64 log scale)
+
+
+def check_p(p: float) -> None:
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 1 and p < float("inf")):
+        raise ValueError(f"Invalid p: {p!r} (Path-SGD needs a finite p >= 1)")
+
+
+def unit_gamma(n: int, dtype: torch.dtype, device: torch.device) -> LogScaled:
+    """Gamma of input units or output units: all ones, log scale 0."""
+    return torch.ones(n, dtype=dtype, device=device), torch.zeros((), dtype=torch.float64, device=device)
+
+
+def chain_gamma_in(chain: DenseChain, p: float, gamma_forward: Callable = reference.gamma_forward,
+                   dtype: Optional[torch.dtype] = None) -> List[LogScaled]:
+    """``[gamma_in(0), ..., gamma_in(L)]``: the input gamma of every layer, then the output gamma.
+
+    ``dtype`` casts the weights first (float64 for exact scales); by default the
+    vectors are in the parameters' opmath dtype.
+    """
+    first = chain.layers[0].weight
+    vec_dtype = dtype or reference.opmath_dtype(first.dtype)
+    gammas = [unit_gamma(first.shape[1], vec_dtype, first.device)]
+    for layer in chain.layers:
+        weight, bias = layer.weight, layer.bias
+        if dtype is not None:
+            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        gammas.append(gamma_forward(weight, bias, *gammas[-1], p))
+    return gammas
+
+
+def _chain_log_path_norm_pow(chain: DenseChain, p: float) -> Tensor:
+    """Differentiable ``log(phi_p^p)`` in float64."""
+    v, s = chain_gamma_in(chain, p)[-1]
+    return s + v.sum().double().log()
+
+
+def _chain_kappas(chain: DenseChain, p: float) -> Dict[str, Tensor]:
+    with torch.no_grad():
+        gin = chain_gamma_in(chain, p, dtype=torch.float64)
+        last = chain.layers[-1].weight
+        gout = unit_gamma(last.shape[0], torch.float64, last.device)
+        kappas: Dict[str, Tensor] = {}
+        for layer, (v_in, s_in) in zip(reversed(chain.layers), reversed(gin[:-1])):
+            v_out, s_out = gout
+            kappas[f"{layer.name}.weight"] = torch.outer(v_out, v_in) * (s_out + s_in).exp()
+            if layer.bias is not None:
+                kappas[f"{layer.name}.bias"] = v_out * s_out.exp()
+            gout = reference.gamma_backward(layer.weight.double(), v_out, s_out, p)
+    return {name: kappas[name] for name in chain.named_parameters()}  # model order
+
+
+def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Tensor:
+    """The path norm ``phi_p(w) = (sum over input/bias -> output paths of prod |w_e|^p)^(1/p)``.
+
+    A differentiable scalar (usable as a regularizer) in the parameters' opmath dtype.
+    """
+    check_p(p)
+    graph = build_path_graph(model, input_shape)
+    log_norm_pow = _chain_log_path_norm_pow(graph, p)
+    dtype = reference.opmath_dtype(graph.layers[0].weight.dtype)
+    return (log_norm_pow / p).exp().to(dtype)
+
+
+def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Dict[str, Tensor]:
+    """``{parameter name: kappa}``, kappa shaped like the parameter, in float64.
+
+    ``kappa_e`` is the sum over paths through edge e of the product of the other
+    edges' ``|w|^p`` (``= d phi_p^p / d |w_e|^p``); float64 so it does not overflow
+    where the parameters' dtype would.
+    """
+    check_p(p)
+    graph = build_path_graph(model, input_shape)
+    return _chain_kappas(graph, p)
