@@ -9,15 +9,14 @@ rescaling invariance raises a ValueError naming the module.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+
 
 # Positively homogeneous, element-wise (or pure reshaping) modules: identity edges
 # in the path graph.
@@ -25,10 +24,6 @@ PASSTHROUGH_MODULES: Tuple[type, ...] = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.
 PASSTHROUGH_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.flatten, torch.nn.functional.relu_,
                          torch.relu_}
 PASSTHROUGH_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous"}
-
-SUPPORTED_TEXT = ("supported: nn.Linear layers joined by ReLU, LeakyReLU, Identity, Dropout and "
-                  "Flatten/reshape (modules or functions)")
-
 
 @dataclass(frozen=True)
 class DenseLayer:
@@ -82,17 +77,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as exc:  # fx raises many exception types
         raise ValueError(
             f"pathsgd: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
-            "Path-SGD needs a static graph; data-dependent control flow is not supported. " + SUPPORTED_TEXT) from exc
-
-
-def _describe(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
-    if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)!s} (at '{node.name}')"
-    if node.op == "call_method":
-        return f"method .{node.target}() (at '{node.name}')"
-    return f"{node.op} '{node.target}'"
+            "Path-SGD needs a static graph; data-dependent control flow is not supported.") from exc
 
 
 def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
@@ -105,65 +90,45 @@ def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
-def build_dense_chain(model: nn.Module) -> DenseChain:
-    """Trace ``model`` and return its chain of Linear layers, or raise ValueError naming the obstacle."""
-    gm = _trace(model)
+def dense_chain_of(gm: torch.fx.GraphModule) -> Optional[DenseChain]:
+    """The chain of Linear layers of a traced model, or None if it is not a simple chain.
+
+    Modules are validated by :class:`pathsgd.dag.GeneralGraph` first; this only
+    decides whether the fast dense-chain path applies.
+    """
     modules = dict(gm.named_modules())
     current: Optional[torch.fx.Node] = None
     layers: List[DenseLayer] = []
-    seen_layers: set = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if current is not None:
-                raise ValueError(f"pathsgd: {type(model).__name__}.forward takes more than one input "
-                                 f"('{node.target}'); path graphs have one input tensor")
+                return None
             current = node
             continue
         if node.op == "output":
-            out = node.args[0]
-            if out is not current:
-                raise ValueError(f"pathsgd: the output of {type(model).__name__} is not the end of a single "
-                                 f"chain of layers; {SUPPORTED_TEXT}")
-            continue
+            return DenseChain(layers) if layers and node.args[0] is current else None
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if node.op == "get_attr":
-            raise ValueError(f"pathsgd: {type(model).__name__} reads attribute '{node.target}' directly in forward; "
-                             f"parameters must belong to supported layers ({SUPPORTED_TEXT})")
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
-            if node.target in seen_layers:
-                raise ValueError(f"pathsgd: module '{node.target}' (Linear) is called twice (shared weights); "
-                                 "a dense chain needs each Linear once")
-            seen_layers.add(node.target)
-            layer_input = node.args[0]
-        elif _is_passthrough(node, modules):
-            layer_input = tensor_args[0] if tensor_args else None
-            if len(tensor_args) > 1:
-                raise ValueError(f"pathsgd: {_describe(node, modules)} combines several tensors; {SUPPORTED_TEXT}")
-        else:
-            raise ValueError(f"pathsgd: {_describe(node, modules)} is not supported by Path-SGD: it is not "
-                             f"positively homogeneous or not a chain element, so it would break node-rescaling "
-                             f"invariance; {SUPPORTED_TEXT}")
-        if layer_input is not current:
-            raise ValueError(f"pathsgd: {_describe(node, modules)} does not continue the chain of layers "
-                             f"(branches and skip connections are not a dense chain); {SUPPORTED_TEXT}")
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+        is_linear = node.op == "call_module" and isinstance(modules[node.target], nn.Linear)
+        if not (is_linear or _is_passthrough(node, modules)) or tensor_args[:1] != [current] or len(tensor_args) > 1:
+            return None
+        if is_linear:
+            if any(layer.name == node.target for layer in layers):
+                return None  # shared weights: kappa is not rank-1
             layers.append(DenseLayer(node.target, modules[node.target]))
         current = node
-    if not layers:
-        raise ValueError(f"pathsgd: {type(model).__name__} has no nn.Linear layer; {SUPPORTED_TEXT}")
-    for prev, layer in zip(layers, layers[1:]):
-        if prev.module.out_features != layer.module.in_features:
-            raise ValueError(f"pathsgd: layer '{layer.name}' has in_features={layer.module.in_features} but the "
-                             f"previous layer '{prev.name}' has out_features={prev.module.out_features}")
-    chain = DenseChain(layers)
-    on_paths = {id(p) for p in chain.named_parameters().values()}
-    stray = [name for name, p in model.named_parameters() if id(p) not in on_paths]
-    if stray:
-        raise ValueError(f"pathsgd: parameters {stray} of {type(model).__name__} are not on any input-to-output "
-                         f"path of supported layers; {SUPPORTED_TEXT}")
-    return chain
+    return None
 
 
-def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None) -> DenseChain:
-    """The path graph of ``model`` (DDP unwrapped). ``input_shape`` (no batch dim) is for conv nets."""
-    return build_dense_chain(unwrap_model(model))
+def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None) -> Union[DenseChain, "GeneralGraph"]:
+    """The path graph of ``model`` (DDP unwrapped): a :class:`DenseChain` when the model is a
+    chain of Linear layers (fused kernels), else a :class:`pathsgd.dag.GeneralGraph`.
+
+    ``input_shape`` (without the batch dim) is required when there are convolutions.
+    Raises ValueError naming any module that breaks node-rescaling invariance.
+    """
+    from .dag import GeneralGraph
+
+    model = unwrap_model(model)
+    gm = _trace(model)
+    general = GeneralGraph(model, gm, input_shape)  # validates every node
+    return dense_chain_of(gm) or general

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
+from .dag import GeneralGraph
 from .graph import DenseChain, build_path_graph
 from .reference import opmath_dtype
 from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
@@ -102,7 +103,8 @@ class PathSGD(Optimizer):
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("PathSGD got a model both as the first argument and as model=")
-            model, params = params, list(params.parameters())
+            # Frozen parameters (requires_grad=False, e.g. eval-mode BatchNorm) are left out.
+            model, params = params, [t for t in params.parameters() if t.requires_grad]
         if model is None:
             raise ValueError("PathSGD needs the model to build its path graph: PathSGD(model, ...) or "
                              "PathSGD(param_groups, model=model, ...)")
@@ -119,6 +121,8 @@ class PathSGD(Optimizer):
         group = self.param_groups[-1]
         try:
             _check_group(group)
+            if isinstance(self.graph, GeneralGraph):
+                self.graph.check_mode({id(t) for g in self.param_groups for t in g["params"]})
             for param in group["params"]:
                 if id(param) not in self._param_names:
                     raise ValueError(f"a parameter of shape {tuple(param.shape)} is not a parameter of the model "
@@ -175,6 +179,8 @@ class PathSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates = self._collect_updates()
+        if updates and isinstance(self.graph, GeneralGraph):
+            self.graph.check_mode({id(t) for t in updates})
         if updates:
             path_sgd(self.graph, updates)
             for update in updates.values():
@@ -249,20 +255,60 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> 
             gamma_out[p] = ops.fused_dense_step_(
                 layer.weight, update.grad if update is not None else None, buffer,
                 *_on(gamma_in[p][index], layer.weight), *_on(gamma_out[p], layer.weight), **{**hyper, "p": float(p)})
-    for batch in bias_batches.values():
-        first = batch[0][0]
-        ops.scaled_sgd_update_([u.param for u, _ in batch], [u.grad for u, _ in batch],
-                               [u.buffer for u, _ in batch] if first.buffer is not None else [],
-                               [k for _, k in batch], **first.hyper())
+    _apply_batches(bias_batches)
 
 
 _READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                         first_step=False, eps=0.0, clamp_min=None, clamp_max=None, lr_tensor=None)
 
 
-def path_sgd(graph: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> None:
+def _log_scaled(gamma: Tensor, like: Tensor) -> LogScaled:
+    """A float64 gamma vector as a (normalized, log scale) pair for the dense kernel."""
+    peak = gamma.amax()
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (gamma / scale).to(opmath_dtype(like.dtype)), scale.log()
+
+
+def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
+    named = graph.named_parameters()
+    fusable = graph.fusable_linears()
+    results = {}
+    # Every abs-pow evaluation reads the old weights, so all of them run before any update.
+    for p in sorted({u.p for u in updates.values()}):
+        fused = frozenset(n for n in fusable if updates.get(graph.weighted[n].weight) is not None
+                          and updates[graph.weighted[n].weight].p == p)
+        results[p] = (graph.evaluate(p, fused), fused)
+    batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
+    for name, param in named.items():
+        update = updates.get(param)
+        if update is None:
+            continue
+        result, fused = results[update.p]
+        module_name = name.rsplit(".", 1)[0]
+        if module_name in fused and name.endswith(".weight"):
+            gamma_in, gamma_out = result.dense_gammas[module_name]
+            buffer = update.prepare_buffer()
+            ops.fused_dense_step_(param, update.grad, buffer, *_log_scaled(gamma_in.to(param.device), param),
+                                  *_log_scaled(gamma_out.to(param.device), param), **update.hyper())
+            continue
+        update.prepare_buffer()
+        batches.setdefault((id(update.group), update.first_step, param.device), []).append(
+            (update, result.kappas[name].to(param.device)))
+    _apply_batches(batches)
+
+
+def _apply_batches(batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]]) -> None:
+    """One multi-tensor update per (group, first step, device) with materialized kappa."""
+    for batch in batches.values():
+        first = batch[0][0]
+        ops.scaled_sgd_update_([u.param for u, _ in batch], [u.grad for u, _ in batch],
+                               [u.buffer for u, _ in batch] if first.buffer is not None else [],
+                               [k for _, k in batch], **first.hyper())
+
+
+def path_sgd(graph: Union[DenseChain, GeneralGraph], updates: Dict[Tensor, ParamUpdate]) -> None:
     """Functional Path-SGD step over the parameters in ``updates`` (see :class:`PathSGD`)."""
     if isinstance(graph, DenseChain):
         _dense_chain_step(graph, updates)
     else:
-        raise TypeError(f"pathsgd: no step implementation for path graph {type(graph).__name__}")
+        _general_graph_step(graph, updates)

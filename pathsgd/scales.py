@@ -7,7 +7,9 @@ For a dense chain with ``a = |w|^p``:
     phi_p(w)^p = sum(gamma_in(L)),  kappa(W_l)_ij = gamma_out(l)_i gamma_in(l-1)_j,  kappa(b_l)_i = gamma_out(l)_i
 
 Gamma vectors are carried as (normalized vector, float64 log scale) pairs so
-deep networks neither overflow nor underflow (DESIGN.md section 2).
+deep networks neither overflow nor underflow (DESIGN.md section 2). General DAGs
+(convolutions, residuals) go through the float64 abs-pow network of
+:mod:`pathsgd.dag`.
 """
 from __future__ import annotations
 
@@ -79,9 +81,11 @@ def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, .
     """
     check_p(p)
     graph = build_path_graph(model, input_shape)
-    log_norm_pow = _chain_log_path_norm_pow(graph, p)
-    dtype = reference.opmath_dtype(graph.layers[0].weight.dtype)
-    return (log_norm_pow / p).exp().to(dtype)
+    dtype = reference.opmath_dtype(next(iter(graph.named_parameters().values())).dtype)
+    if isinstance(graph, DenseChain):
+        return (_chain_log_path_norm_pow(graph, p) / p).exp().to(dtype)
+    total = graph.evaluate(p, frozenset(), differentiable=True, need_grads=False).total
+    return total.pow(1.0 / p).to(dtype)
 
 
 def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Dict[str, Tensor]:
@@ -93,4 +97,7 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
     """
     check_p(p)
     graph = build_path_graph(model, input_shape)
-    return _chain_kappas(graph, p)
+    if isinstance(graph, DenseChain):
+        return _chain_kappas(graph, p)
+    kappas = graph.evaluate(p, frozenset()).kappas
+    return {name: kappas[name] for name in graph.named_parameters()}

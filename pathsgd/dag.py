@@ -1,0 +1,451 @@
+"""General path graphs: any feed-forward DAG of positively homogeneous units.
+
+The gamma maps are the activations of the *abs-pow network* on an all-ones input
+of ``input_shape`` (DESIGN.md section 2): the model with every weight w replaced
+by ``|w|^p``, every bias b by ``|b|^p``, every constant edge c by ``|c|^p`` and
+every non-linearity by the identity. ``phi_p^p`` is the sum of its outputs, and
+``kappa = d phi_p^p / d |W|^p`` is the weight-gradient of that network; autograd
+sums it over all edges of a shared weight (convolutions, modules called twice).
+Everything here runs in float64 with batch size 1.
+
+Edge conventions (documented choices):
+  * MaxPool is treated as sum-pooling over its window (every window edge has weight
+    1). Max commutes with positive per-channel scaling, so this keeps node-rescaling
+    invariance; it bounds the max-path set from above.
+  * AvgPool / AdaptiveAvgPool / mean: constant edges 1/d, so ``a = d^-p``.
+  * Residual additions and concatenation: edges of weight 1; ``x * c`` for a Python
+    number c: an edge of weight c.
+  * BatchNorm in eval mode: per-channel edge ``a = weight / sqrt(var + eps)`` and a
+    constant bias ``beta - mean * a``; its parameters must not be optimized.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import abs_pow
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHTED = (nn.Linear,) + _CONV
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+
+_IDENTITY_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.dropout, F.dropout1d, F.dropout2d,
+                       F.dropout3d}
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                    operator.getitem, getattr}
+_SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "permute", "transpose", "size",
+                  "dim", "view_as", "reshape_as"}
+_IDENTITY_METHODS = {"relu", "relu_"}
+_ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_POOL_FUNCTIONS = {F.max_pool1d: ("max", 1), F.max_pool2d: ("max", 2), F.max_pool3d: ("max", 3),
+                   F.avg_pool1d: ("avg", 1), F.avg_pool2d: ("avg", 2), F.avg_pool3d: ("avg", 3),
+                   F.adaptive_avg_pool1d: ("adaptive_avg", 1), F.adaptive_avg_pool2d: ("adaptive_avg", 2),
+                   F.adaptive_avg_pool3d: ("adaptive_avg", 3), F.adaptive_max_pool1d: ("adaptive_max", 1),
+                   F.adaptive_max_pool2d: ("adaptive_max", 2), F.adaptive_max_pool3d: ("adaptive_max", 3)}
+
+SUPPORTED = ("supported: Linear, Conv1d/2d/3d (zero padding), ReLU, LeakyReLU, Identity, Dropout, Flatten/reshape/"
+             "view, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool, mean/sum over dims, residual additions, "
+             "torch.cat, multiplication by a constant, and BatchNorm in eval mode with frozen parameters")
+
+_WHY = [
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+     "BatchNorm in training mode normalizes by batch statistics, which undoes node rescaling (call model.eval() "
+     "to freeze it, with its parameters excluded from the optimizer)"),
+    ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm),
+     "normalization layers divide by activation statistics, which breaks node-rescaling invariance"),
+    ((nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer),
+     "attention multiplies activations together, so it is not positively homogeneous"),
+    ((nn.Embedding, nn.EmbeddingBag), "embedding weights are looked up by index, not on input-to-output paths"),
+    ((nn.RNNBase, nn.RNNCell, nn.LSTMCell, nn.GRUCell), "recurrent layers are not feed-forward DAGs of ReLU units"),
+    ((nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Hardtanh,
+      nn.ReLU6, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.CELU, nn.Tanhshrink, nn.Softsign),
+     "the activation is not positively homogeneous (f(c x) != c f(x) for c > 0)"),
+]
+
+
+def _why_unsupported(module: nn.Module) -> str:
+    for types, why in _WHY:
+        if isinstance(module, types):
+            return why
+    return "it is not known to be positively homogeneous, so it may break node-rescaling invariance"
+
+
+def describe_node(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)} (fx node '{node.name}')"
+    if node.op == "call_method":
+        return f"method .{node.target}() (fx node '{node.name}')"
+    return f"{node.op} '{node.target}'"
+
+
+def _tuple(v: Any, n: int) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _sum_pool(x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
+    """Sum over each pooling window (zero padding): max-pool edges of weight 1."""
+    kernel = _tuple(kernel, nd)
+    stride = _tuple(stride if stride not in (None, []) else kernel, nd)
+    padding = _tuple(padding, nd)
+    if nd == 1:  # avg_pool1d has no divisor_override: go through 2-D
+        return F.avg_pool2d(x.unsqueeze(-2), (1,) + kernel, (1,) + stride, (0,) + padding, ceil_mode, True,
+                            divisor_override=1).squeeze(-2)
+    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    return pool(x, kernel, stride, padding, ceil_mode, True, divisor_override=1)
+
+
+def _adaptive_window_sizes(in_sizes: Sequence[int], out_sizes: Sequence[int], device) -> Tensor:
+    """Number of input elements of each adaptive-pooling window (product over dims)."""
+    d = torch.ones((), dtype=torch.float64, device=device)
+    for L, O in zip(in_sizes, out_sizes):
+        i = torch.arange(O, dtype=torch.float64, device=device)
+        size = torch.ceil((i + 1) * L / O) - torch.floor(i * L / O)
+        d = d.unsqueeze(-1) * size
+    return d
+
+
+def _pool(kind: str, nd: int, x: Tensor, p: float, args: Dict[str, Any]) -> Tensor:
+    if kind == "max":
+        if _tuple(args.get("dilation", 1), nd) != (1,) * nd:
+            raise ValueError("MaxPool with dilation != 1 is not supported")
+        if args.get("return_indices", False):
+            raise ValueError("MaxPool with return_indices=True is not supported")
+        return _sum_pool(x, nd, args["kernel_size"], args.get("stride"), args.get("padding", 0),
+                         args.get("ceil_mode", False))
+    if kind == "avg":
+        kernel, stride, padding = args["kernel_size"], args.get("stride"), args.get("padding", 0)
+        ceil_mode = args.get("ceil_mode", False)
+        user_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+        extra = {} if nd == 1 else {"divisor_override": args.get("divisor_override")}
+        ones = torch.ones_like(x)
+        avg_ones = user_pool(ones, kernel, stride if stride not in (None, []) else kernel, padding, ceil_mode,
+                             args.get("count_include_pad", True), **extra)
+        sum_ones = _sum_pool(ones, nd, kernel, stride, padding, ceil_mode)
+        inv_divisor = torch.where(sum_ones > 0, avg_ones / sum_ones.clamp_min(1), torch.zeros_like(sum_ones))
+        return _sum_pool(x, nd, kernel, stride, padding, ceil_mode) * inv_divisor.pow(p)
+    out_size = _tuple(args["output_size"], nd)
+    out_size = tuple(x.shape[-nd + i] if o is None else o for i, o in enumerate(out_size))
+    adaptive = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[nd]
+    d = _adaptive_window_sizes(x.shape[-nd:], out_size, x.device)
+    window_sum = adaptive(x, out_size) * d
+    return window_sum if kind == "adaptive_max" else window_sum * d.pow(-p)
+
+
+def _module_pool_args(m: nn.Module) -> Tuple[str, int, Dict[str, Any]]:
+    nd = int(type(m).__name__[-2])
+    if isinstance(m, _MAXPOOL):
+        return "max", nd, dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                               ceil_mode=m.ceil_mode, return_indices=m.return_indices)
+    if isinstance(m, _AVGPOOL):
+        return "avg", nd, dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
+                               count_include_pad=m.count_include_pad,
+                               divisor_override=getattr(m, "divisor_override", None))
+    kind = "adaptive_avg" if isinstance(m, _ADAPTIVE_AVG) else "adaptive_max"
+    if isinstance(m, _ADAPTIVE_MAX) and m.return_indices:
+        raise ValueError("AdaptiveMaxPool with return_indices=True is not supported")
+    return kind, nd, dict(output_size=m.output_size)
+
+
+def _function_pool_args(node: torch.fx.Node) -> Tuple[str, int, Dict[str, Any]]:
+    kind, nd = _POOL_FUNCTIONS[node.target]
+    names = {"max": ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+             "avg": ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]}.get(
+                 kind, ["output_size", "return_indices"])
+    args = dict(zip(names, node.args[1:]))
+    args.update(node.kwargs)
+    return kind, nd, args
+
+
+class AbsNetResult:
+    """Outputs of one abs-pow network evaluation."""
+
+    def __init__(self) -> None:
+        self.total: Optional[Tensor] = None                 # phi_p^p
+        self.kappas: Dict[str, Tensor] = {}                 # materialized kappa per parameter name
+        self.dense_gammas: Dict[str, Tuple[Tensor, Tensor]] = {}  # fused Linear name -> (gamma_in, gamma_out)
+
+
+class GeneralGraph:
+    """Path graph of a traced feed-forward DAG (convolutions, pooling, residuals, shared modules)."""
+
+    def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, input_shape: Optional[Tuple[int, ...]]) -> None:
+        self.model = model
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self._linear_input_rank: Dict[str, int] = {}
+        self._validate()
+        self.input_shape = self._resolve_input_shape(input_shape)
+        self._check_with_input_shape()
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError(f"pathsgd: {type(self.model).__name__}.forward must take exactly one input tensor, "
+                             f"got {[n.target for n in placeholders]}")
+        self.weighted: Dict[str, nn.Module] = {}
+        self.uses: Dict[str, int] = {}
+        self.batchnorms: Dict[str, nn.Module] = {}
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr":
+                raise ValueError(f"pathsgd: {type(self.model).__name__}.forward reads the tensor attribute "
+                                 f"'{node.target}' directly; parameters must belong to supported layers ({SUPPORTED})")
+            if node.op == "call_module":
+                m = self.modules[node.target]
+                if isinstance(m, _WEIGHTED):
+                    if isinstance(m, _CONV) and m.padding_mode != "zeros":
+                        raise ValueError(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode="
+                                         f"'{m.padding_mode}'; only zero padding keeps the path graph fixed")
+                    self.weighted[node.target] = m
+                    self.uses[node.target] = self.uses.get(node.target, 0) + 1
+                elif isinstance(m, _BATCHNORM):
+                    self.batchnorms[node.target] = m
+                elif not isinstance(m, _IDENTITY_MODULES + _SHAPE_MODULES + _MAXPOOL + _AVGPOOL + _ADAPTIVE_AVG
+                                    + _ADAPTIVE_MAX):
+                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: "
+                                     f"{_why_unsupported(m)}; {SUPPORTED}")
+            elif node.op == "call_function":
+                t = node.target
+                if t in _MUL:
+                    tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+                    consts = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+                    if len(tensors) != 1 or len(consts) != 1 or (t in (operator.truediv, operator.itruediv, torch.div)
+                                                                 and node.args[0] is not tensors[0]):
+                        raise ValueError(f"pathsgd: {describe_node(node, self.modules)} multiplies or divides "
+                                         "activations by something other than a constant number, which is not "
+                                         f"positively homogeneous; {SUPPORTED}")
+                elif t in _ADD:
+                    if not all(isinstance(a, torch.fx.Node) for a in node.args[:2]) or "alpha" in node.kwargs:
+                        raise ValueError(f"pathsgd: {describe_node(node, self.modules)} adds a constant to "
+                                         f"activations, which is not positively homogeneous; {SUPPORTED}")
+                elif not (t in _IDENTITY_FUNCTIONS or t in _SHAPE_FUNCTIONS or t in _CAT or t in _POOL_FUNCTIONS
+                          or t in (torch.mean, torch.sum)):
+                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
+                                     f"known to be positively homogeneous; {SUPPORTED}")
+            elif node.op == "call_method":
+                if node.target not in _SHAPE_METHODS | _IDENTITY_METHODS | {"mean", "sum"}:
+                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
+                                     f"known to be positively homogeneous; {SUPPORTED}")
+        if not self.weighted:
+            raise ValueError(f"pathsgd: {type(self.model).__name__} has no Linear or Conv layer; {SUPPORTED}")
+        on_paths = {id(t) for t in self.named_parameters().values()}
+        bn_params = {id(t) for m in self.batchnorms.values() for t in m.parameters()}
+        stray = [n for n, t in self.model.named_parameters() if id(t) not in on_paths and id(t) not in bn_params]
+        if stray:
+            raise ValueError(f"pathsgd: parameters {stray} of {type(self.model).__name__} are not on any "
+                             f"input-to-output path of supported layers (unused, or used outside a supported "
+                             f"layer); {SUPPORTED}")
+
+    def _resolve_input_shape(self, input_shape: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+        has_conv = any(isinstance(m, _CONV) for m in self.weighted.values())
+        if input_shape is not None:
+            if isinstance(input_shape, int):
+                input_shape = (input_shape,)
+            if not all(isinstance(d, int) and d > 0 for d in input_shape):
+                raise ValueError(f"pathsgd: input_shape must be positive ints without the batch dim, got {input_shape}")
+            return tuple(input_shape)
+        if has_conv:
+            raise ValueError(f"pathsgd: {type(self.model).__name__} has convolutions, so input_shape (the input's "
+                             "shape without the batch dimension, e.g. (1, 40)) is required")
+        placeholder = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        node = placeholder
+        while True:  # follow element-wise/shape nodes to the first Linear
+            users = list(node.users)
+            if len(users) != 1:
+                break
+            node = users[0]
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.Linear):
+                return (self.modules[node.target].in_features,)
+        raise ValueError(f"pathsgd: cannot infer the input shape of {type(self.model).__name__}; pass input_shape")
+
+    def _check_with_input_shape(self) -> None:
+        try:
+            with torch.no_grad():
+                self.evaluate(2.0, frozenset(), differentiable=False, need_grads=False, record_ranks=True)
+        except (RuntimeError, IndexError) as exc:
+            raise ValueError(f"pathsgd: input_shape {self.input_shape} is inconsistent with "
+                             f"{type(self.model).__name__}: {exc}") from exc
+
+    def named_parameters(self) -> Dict[str, nn.Parameter]:
+        named = {}
+        for name, m in self.weighted.items():
+            named[f"{name}.weight"] = m.weight
+            if m.bias is not None:
+                named[f"{name}.bias"] = m.bias
+        return named
+
+    def fusable_linears(self) -> List[str]:
+        """Linear modules called once: their kappa is rank-1 and takes the fused dense kernel."""
+        return [n for n, m in self.weighted.items()
+                if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
+
+    def check_mode(self, optimized: Set[int]) -> None:
+        """BatchNorm must be in eval mode and not optimized, at every step."""
+        for name, m in self.batchnorms.items():
+            if m.training:
+                raise ValueError(f"pathsgd: module '{name}' ({type(m).__name__}) is in training mode: {_WHY[0][1]}")
+            for pname, t in m.named_parameters():
+                if id(t) in optimized:
+                    raise ValueError(f"pathsgd: parameter '{name}.{pname}' of {type(m).__name__} is in the optimizer;"
+                                     " BatchNorm is treated as frozen constants, so exclude its parameters")
+
+    # ---- the abs-pow network ---------------------------------------------------------------------------------
+    def evaluate(self, p: float, fused: frozenset, differentiable: bool = False,
+                 need_grads: bool = True, record_ranks: bool = False) -> AbsNetResult:
+        """Run the abs-pow network; with ``need_grads`` also backpropagate ``sum(outputs)``.
+
+        ``fused`` names Linear modules whose kappa is not materialized: their input
+        gamma and output gamma (``d total / d output``) are returned instead.
+        ``differentiable`` keeps the graph to the real parameters (for path_norm).
+        """
+        with torch.set_grad_enabled(need_grads or differentiable):
+            return self._evaluate(p, fused, differentiable, need_grads, record_ranks)
+
+    def _evaluate(self, p: float, fused: frozenset, differentiable: bool, need_grads: bool,
+                  record_ranks: bool) -> AbsNetResult:
+        first = next(iter(self.weighted.values())).weight
+        device = first.device
+        result = AbsNetResult()
+        leaves: Dict[str, Tensor] = {}
+        captured: Dict[str, Tuple[Tensor, Tensor]] = {}
+
+        def a(name: str, t: Tensor, leaf: bool) -> Tensor:
+            if name in leaves:
+                return leaves[name]
+            v = abs_pow((t if differentiable else t.detach()).to(device=device, dtype=torch.float64), p)
+            if leaf and need_grads and not differentiable:
+                v.requires_grad_(True)
+            leaves[name] = v
+            return v
+
+        env: Dict[torch.fx.Node, Any] = {}
+
+        def val(x: Any) -> Any:
+            return torch.fx.node.map_arg(x, lambda n: env[n])
+
+        out_nodes: List[Tensor] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = torch.ones((1,) + self.input_shape, dtype=torch.float64, device=device)
+            elif node.op == "output":
+                torch.fx.node.map_arg(node.args[0], lambda n: out_nodes.append(env[n]))
+            elif node.op == "call_module":
+                m = self.modules[node.target]
+                x = val(node.args[0])
+                if isinstance(m, _WEIGHTED):
+                    is_fused = node.target in fused
+                    w = a(f"{node.target}.weight", m.weight, leaf=not is_fused)
+                    b = a(f"{node.target}.bias", m.bias, leaf=True) if m.bias is not None else None
+                    x = x.to(device)
+                    if isinstance(m, nn.Linear):
+                        if record_ranks:
+                            self._linear_input_rank[node.target] = x.dim()
+                        y = F.linear(x, w, b)
+                        if is_fused and need_grads:
+                            if not y.requires_grad:  # e.g. first layer without bias: make it a leaf
+                                y.requires_grad_(True)
+                            captured[node.target] = (x, y)
+                    else:
+                        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)]
+                        y = conv(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+                    env[node] = y
+                elif isinstance(m, _BATCHNORM):
+                    env[node] = self._batchnorm(m, x, p)
+                elif isinstance(m, _IDENTITY_MODULES):
+                    env[node] = x
+                elif isinstance(m, _SHAPE_MODULES):
+                    env[node] = m(x)
+                else:
+                    kind, nd, args = _module_pool_args(m)
+                    env[node] = _pool(kind, nd, x, p, args)
+            elif node.op == "call_function":
+                env[node] = self._call_function(node, val, p)
+            elif node.op == "call_method":
+                env[node] = self._call_method(node, val, p)
+        total = sum(o.sum() for o in out_nodes)
+        result.total = total
+        if need_grads and not differentiable:
+            grad_leaves = {n: t for n, t in leaves.items() if t.requires_grad}
+            captured_outputs = [y for _, y in captured.values()]
+            grads = torch.autograd.grad(total, list(grad_leaves.values()) + captured_outputs, allow_unused=True)
+            for (name, t), g in zip(grad_leaves.items(), grads[:len(grad_leaves)]):
+                result.kappas[name] = g if g is not None else torch.zeros_like(t)
+            for (name, (x, y)), g in zip(captured.items(), grads[len(grad_leaves):]):
+                result.dense_gammas[name] = (x.detach().reshape(-1), (g if g is not None else torch.zeros_like(y))
+                                             .reshape(-1))
+        return result
+
+    @staticmethod
+    def _batchnorm(m: nn.Module, x: Tensor, p: float) -> Tensor:
+        if m.running_mean is None or m.running_var is None:
+            raise ValueError(f"pathsgd: {type(m).__name__} without running statistics (track_running_stats=False) "
+                             "normalizes by batch statistics, which breaks node-rescaling invariance")
+        var = m.running_var.double().to(x.device)
+        mean = m.running_mean.double().to(x.device)
+        scale = 1.0 / torch.sqrt(var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight.detach().double().to(x.device)
+        shift = -mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias.detach().double().to(x.device)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * abs_pow(scale, p).view(shape) + abs_pow(shift, p).view(shape)
+
+    def _call_function(self, node: torch.fx.Node, val, p: float) -> Any:
+        t = node.target
+        if t in _IDENTITY_FUNCTIONS:
+            return val(node.args[0])
+        if t in _ADD:
+            return val(node.args[0]) + val(node.args[1])
+        if t in _MUL:
+            x = next(val(a) for a in node.args if isinstance(a, torch.fx.Node))
+            c = next(a for a in node.args if not isinstance(a, torch.fx.Node))
+            if t in (operator.truediv, operator.itruediv, torch.div):
+                c = 1.0 / c
+            return x * abs(float(c)) ** p
+        if t in _POOL_FUNCTIONS:
+            kind, nd, args = _function_pool_args(node)
+            return _pool(kind, nd, val(node.args[0]), p, args)
+        if t is torch.mean:
+            return self._mean(val(node.args[0]), node, p)
+        # Shapes, concatenation and sums act on gamma maps exactly as on activations.
+        return t(*val(node.args), **val(node.kwargs))
+
+    def _call_method(self, node: torch.fx.Node, val, p: float) -> Any:
+        if node.target in _IDENTITY_METHODS:
+            return val(node.args[0])
+        if node.target == "mean":
+            return self._mean(val(node.args[0]), node, p)
+        obj, *args = val(node.args)
+        return getattr(obj, node.target)(*args, **val(node.kwargs))
+
+    @staticmethod
+    def _mean(x: Tensor, node: torch.fx.Node, p: float) -> Tensor:
+        """A mean over n elements is a sum with constant edges 1/n."""
+        kwargs = dict(node.kwargs)
+        dims = node.args[1] if len(node.args) > 1 else kwargs.pop("dim", None)
+        keepdim = node.args[2] if len(node.args) > 2 else kwargs.pop("keepdim", False)
+        if dims is None:
+            dims = tuple(range(x.dim()))
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        n = math.prod(x.shape[d] for d in dims)
+        return x.sum(dim=dims, keepdim=keepdim) * float(n) ** -p
