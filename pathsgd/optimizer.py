@@ -163,7 +163,7 @@ class PathSGD(Optimizer):
                 if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
                     raise RuntimeError(f"gradient of '{name}' ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) does "
                                        f"not match the parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
-                buffer = self.state[param].get("momentum_buffer") if group["momentum"] != 0 else None
+                buffer = self.state[param].get("momentum_buffer") if param in self.state and group["momentum"] != 0 else None
                 updates[param] = ParamUpdate(param, grad, group, buffer)
         if updates and self.check_finite:
             for name, param in self.graph.named_parameters().items():

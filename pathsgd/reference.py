@@ -34,7 +34,7 @@ def abs_pow(w: Tensor, p: float) -> Tensor:
 
 
 def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2].
+    """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2] (addend float64).
 
     An all-zero result is returned as zeros with log scale 0.
     """
@@ -49,8 +49,8 @@ def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] 
     t = torch.maximum(log_y, log_add)
     t = torch.where(torch.isinf(t), torch.zeros_like(t), t)
     v = y * (log_scale - t).exp().to(y.dtype)
-    if addend is not None:
-        v = v + addend * (-t).exp().to(y.dtype)
+    if addend is not None:  # float64: |b|^p may be out of float32 range where b is not
+        v = (v.double() + addend.double() * (-t).exp()).to(y.dtype)
     # An all-zero input must stay exactly zero (exp(log_scale - 0) could be inf).
     v = torch.where(log_y.isinf() & log_add.isinf(), torch.zeros_like(v), v)
     return v, t
@@ -61,7 +61,7 @@ def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamm
     """Normalized ``|W|^p (gamma_in * exp(s)) + |b|^p`` of a dense layer (W is out x in)."""
     opmath = opmath_dtype(weight.dtype)
     y = abs_pow(weight.to(opmath), p) @ gamma_in
-    addend = abs_pow(bias.to(opmath), p) if bias is not None else None
+    addend = abs_pow(bias.double(), p) if bias is not None else None
     return normalize_log_scaled(y, gamma_in_log_scale, addend)
 
 

@@ -14,9 +14,10 @@ using at::vec::Vectorized;
 
 // Rescales y (whose true value is y * exp(log_scale), plus an optional addend
 // at scale 1) to a vector with max in [1, 2]; returns the new log scale.
+// The addend (|b|^p) is float64: a bias in range can have |b|^p out of float32 range.
 // An all-zero result keeps log scale 0 so it stays an exact zero.
 template <typename opmath_t>
-double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const opmath_t* addend) {
+double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const double* addend) {
   double y_max = 0.0, add_max = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     y_max = std::max(y_max, static_cast<double>(y[i]));
@@ -30,10 +31,10 @@ double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const opma
     for (int64_t i = 0; i < n; ++i) y[i] = opmath_t(0);
     return 0.0;
   }
-  const opmath_t y_factor = static_cast<opmath_t>(std::exp(log_scale - t));
-  const opmath_t add_factor = static_cast<opmath_t>(std::exp(-t));
+  const double y_factor = std::exp(log_scale - t);
+  const double add_factor = std::exp(-t);
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = y[i] * y_factor + (addend ? addend[i] * add_factor : opmath_t(0));
+    y[i] = static_cast<opmath_t>(static_cast<double>(y[i]) * y_factor + (addend ? addend[i] * add_factor : 0.0));
   }
   return t;
 }
@@ -68,12 +69,12 @@ void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, cons
       y[i] = sum;
     }
   });
-  std::vector<opmath_t> bias_pow;
+  std::vector<double> bias_pow;
   if (bias) {
     const at::Tensor b = bias->contiguous();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     bias_pow.resize(rows);
-    for (int64_t i = 0; i < rows; ++i) bias_pow[i] = abs_pow(static_cast<opmath_t>(bp[i]), kind, pp);
+    for (int64_t i = 0; i < rows; ++i) bias_pow[i] = abs_pow(static_cast<double>(bp[i]), kind, p);
   }
   out_log_scale = normalize_log_scaled(y, rows, in_log_scale, bias ? bias_pow.data() : nullptr);
 }
@@ -225,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
           dense_column_block<scalar_t, false>(rows, cols, j0, j1, W, G, B, go, nullptr, nullptr, Y, kind, pp, h);
         }
       });
-      out_log_scale = normalize_log_scaled(Y, cols, gamma_out_log_scale.item<double>(), static_cast<opmath_t*>(nullptr));
+      out_log_scale = normalize_log_scaled(Y, cols, gamma_out_log_scale.item<double>(), static_cast<const double*>(nullptr));
     });
   });
   return {y, at::scalar_tensor(out_log_scale, gamma_out_log_scale.options())};
