@@ -59,11 +59,19 @@ void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, cons
       opmath_t sum = opmath_t(0);
       if constexpr (std::is_same_v<scalar_t, opmath_t>) {
         using V = Vectorized<opmath_t>;
-        V acc(opmath_t(0));
-        for (; j + V::size() <= cols; j += V::size()) {
-          acc = acc + abs_pow(V::loadu(w + j), kind, pp) * V::loadu(x + j);
+        constexpr int64_t kStep = 4 * V::size();
+        // Four independent accumulators hide the add latency; their combination order is fixed.
+        V acc0(opmath_t(0)), acc1(opmath_t(0)), acc2(opmath_t(0)), acc3(opmath_t(0));
+        for (; j + kStep <= cols; j += kStep) {
+          acc0 = acc0 + abs_pow(V::loadu(w + j), kind, pp) * V::loadu(x + j);
+          acc1 = acc1 + abs_pow(V::loadu(w + j + V::size()), kind, pp) * V::loadu(x + j + V::size());
+          acc2 = acc2 + abs_pow(V::loadu(w + j + 2 * V::size()), kind, pp) * V::loadu(x + j + 2 * V::size());
+          acc3 = acc3 + abs_pow(V::loadu(w + j + 3 * V::size()), kind, pp) * V::loadu(x + j + 3 * V::size());
         }
-        sum = at::vec::vec_reduce_all([](V a, V b) { return a + b; }, acc);
+        for (; j + V::size() <= cols; j += V::size()) {
+          acc0 = acc0 + abs_pow(V::loadu(w + j), kind, pp) * V::loadu(x + j);
+        }
+        sum = at::vec::vec_reduce_all([](V a, V b) { return a + b; }, (acc0 + acc1) + (acc2 + acc3));
       }
       for (; j < cols; ++j) sum += abs_pow(static_cast<opmath_t>(w[j]), kind, pp) * x[j];
       y[i] = sum;
