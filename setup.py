@@ -13,6 +13,19 @@ import platform
 
 from setuptools import find_packages, setup
 
+def _default_cuda_home() -> None:
+    """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper
+    script in /usr/local/bin; prefer a real toolkit directory when none is set."""
+    if os.getenv("CUDA_HOME") or os.getenv("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda", "/opt/cuda"):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_default_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
