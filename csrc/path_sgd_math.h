@@ -85,4 +85,28 @@ PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>&
   return w;
 }
 
+// kappa_ij^(2/p) = exp(log_row_i + log_col_j) is applied as row_i * col_j with
+// row_i = exp(log_row_i + split) and col_j = exp(log_col_j - split). `split`
+// centres both factor ranges. Rows/columns whose every product is below eps are
+// ignored (max(kappa_pow, eps) is eps for them whether or not a factor underflows).
+// If the factors still cannot stay within +-log_limit, `exact` asks for the
+// per-element exp(log_row_i + log_col_j) path.
+struct KappaSplit {
+  double split = 0.0;
+  bool exact = false;
+};
+
+PATHSGD_HD KappaSplit choose_kappa_split(double row_min, double row_max, double col_min, double col_max,
+                                         double log_eps, double log_limit) {
+  KappaSplit s;
+  if (!(row_max > -INFINITY) || !(col_max > -INFINITY)) return s;  // kappa == 0 everywhere
+  // Lower ends that matter: below them every product is < eps.
+  const double row_lo = row_min > log_eps - col_max ? row_min : log_eps - col_max;
+  const double col_lo = col_min > log_eps - row_max ? col_min : log_eps - row_max;
+  s.split = 0.5 * ((col_max + col_lo) - (row_max + row_lo));
+  s.exact = row_max + s.split > log_limit || row_lo + s.split < -log_limit || col_max - s.split > log_limit ||
+            col_lo - s.split < -log_limit;
+  return s;
+}
+
 }  // namespace pathsgd

@@ -34,6 +34,7 @@ from .reference import abs_pow
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED = (nn.Linear,) + _CONV
+WEIGHTED_LAYERS = _WEIGHTED
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -185,9 +186,11 @@ class AbsNetResult:
 class GeneralGraph:
     """Path graph of a traced feed-forward DAG (convolutions, pooling, residuals, shared modules)."""
 
-    def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, input_shape: Optional[Tuple[int, ...]]) -> None:
+    def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, input_shape: Optional[Tuple[int, ...]],
+                 prefix: str = "") -> None:
         self.model = model
         self.gm = gm
+        self.prefix = prefix
         self.modules = dict(gm.named_modules())
         self._linear_input_rank: Dict[str, int] = {}
         self._validate()
@@ -266,15 +269,21 @@ class GeneralGraph:
         if has_conv:
             raise ValueError(f"pathsgd: {type(self.model).__name__} has convolutions, so input_shape (the input's "
                              "shape without the batch dimension, e.g. (1, 40)) is required")
+        # Follow every use of the input through non-Linear nodes to the first Linear layers.
         placeholder = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
-        node = placeholder
-        while True:  # follow element-wise/shape nodes to the first Linear
-            users = list(node.users)
-            if len(users) != 1:
-                break
-            node = users[0]
-            if node.op == "call_module" and isinstance(self.modules[node.target], nn.Linear):
-                return (self.modules[node.target].in_features,)
+        in_features, frontier, seen = set(), [placeholder], set()
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                if user in seen or (user.op == "call_method" and user.target in ("size", "dim")):
+                    continue
+                seen.add(user)
+                if user.op == "call_module" and isinstance(self.modules[user.target], nn.Linear):
+                    in_features.add(self.modules[user.target].in_features)
+                elif user.op != "output":
+                    frontier.append(user)
+        if len(in_features) == 1:
+            return (in_features.pop(),)
         raise ValueError(f"pathsgd: cannot infer the input shape of {type(self.model).__name__}; pass input_shape")
 
     def _check_with_input_shape(self) -> None:
@@ -285,12 +294,16 @@ class GeneralGraph:
             raise ValueError(f"pathsgd: input_shape {self.input_shape} is inconsistent with "
                              f"{type(self.model).__name__}: {exc}") from exc
 
+    def param_name(self, module_name: str, param: str) -> str:
+        from .graph import parameter_name
+        return parameter_name(module_name, param, self.prefix)
+
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         named = {}
         for name, m in self.weighted.items():
-            named[f"{name}.weight"] = m.weight
+            named[self.param_name(name, "weight")] = m.weight
             if m.bias is not None:
-                named[f"{name}.bias"] = m.bias
+                named[self.param_name(name, "bias")] = m.bias
         return named
 
     def fusable_linears(self) -> List[str]:
@@ -353,8 +366,8 @@ class GeneralGraph:
                 x = val(node.args[0])
                 if isinstance(m, _WEIGHTED):
                     is_fused = node.target in fused
-                    w = a(f"{node.target}.weight", m.weight, leaf=not is_fused)
-                    b = a(f"{node.target}.bias", m.bias, leaf=True) if m.bias is not None else None
+                    w = a(self.param_name(node.target, "weight"), m.weight, leaf=not is_fused)
+                    b = a(self.param_name(node.target, "bias"), m.bias, leaf=True) if m.bias is not None else None
                     x = x.to(device)
                     if isinstance(m, nn.Linear):
                         if record_ranks:

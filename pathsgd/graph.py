@@ -40,17 +40,28 @@ class DenseLayer:
         return self.module.bias
 
 
+def parameter_name(module_name: str, param: str, prefix: str = "") -> str:
+    """Public name of a layer's parameter, as in ``model.named_parameters()``.
+
+    ``prefix`` is the name under which a bare layer (``nn.Linear`` as the whole model)
+    was wrapped for tracing; it is stripped again.
+    """
+    name = f"{module_name}.{param}"
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
 @dataclass
 class DenseChain:
     """A chain of dense layers, input to output."""
     layers: List[DenseLayer]
+    prefix: str = ""
 
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         named = {}
         for layer in self.layers:
-            named[f"{layer.name}.weight"] = layer.weight
+            named[parameter_name(layer.name, "weight", self.prefix)] = layer.weight
             if layer.bias is not None:
-                named[f"{layer.name}.bias"] = layer.bias
+                named[parameter_name(layer.name, "bias", self.prefix)] = layer.bias
         return named
 
 
@@ -71,9 +82,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+# A model that is itself a single layer is traced inside this wrapper (fx traces into the
+# root module's forward, which would read its weight as a raw attribute).
+_BARE_LAYER_PREFIX = "0."
+
+
+def _trace(model: nn.Module) -> Tuple[torch.fx.GraphModule, str]:
+    """fx-trace ``model``; returns the graph module and the parameter-name prefix to strip."""
+    from .dag import WEIGHTED_LAYERS
+
+    prefix = ""
+    if isinstance(model, WEIGHTED_LAYERS):
+        model, prefix = nn.Sequential(model), _BARE_LAYER_PREFIX
     try:
-        return torch.fx.symbolic_trace(model)
+        return torch.fx.symbolic_trace(model), prefix
     except Exception as exc:  # fx raises many exception types
         raise ValueError(
             f"pathsgd: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
@@ -90,7 +112,7 @@ def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return False
 
 
-def dense_chain_of(gm: torch.fx.GraphModule) -> Optional[DenseChain]:
+def dense_chain_of(gm: torch.fx.GraphModule, prefix: str = "") -> Optional[DenseChain]:
     """The chain of Linear layers of a traced model, or None if it is not a simple chain.
 
     Modules are validated by :class:`pathsgd.dag.GeneralGraph` first; this only
@@ -106,7 +128,7 @@ def dense_chain_of(gm: torch.fx.GraphModule) -> Optional[DenseChain]:
             current = node
             continue
         if node.op == "output":
-            return DenseChain(layers) if layers and node.args[0] is current else None
+            return DenseChain(layers, prefix) if layers and node.args[0] is current else None
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
         is_linear = node.op == "call_module" and isinstance(modules[node.target], nn.Linear)
         if not (is_linear or _is_passthrough(node, modules)) or tensor_args[:1] != [current] or len(tensor_args) > 1:
@@ -129,6 +151,6 @@ def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = 
     from .dag import GeneralGraph
 
     model = unwrap_model(model)
-    gm = _trace(model)
-    general = GeneralGraph(model, gm, input_shape)  # validates every node
-    return dense_chain_of(gm) or general
+    gm, prefix = _trace(model)
+    general = GeneralGraph(model, gm, input_shape, prefix)  # validates every node
+    return dense_chain_of(gm, prefix) or general

@@ -270,7 +270,6 @@ def _log_scaled(gamma: Tensor, like: Tensor) -> LogScaled:
 
 
 def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
-    named = graph.named_parameters()
     fusable = graph.fusable_linears()
     results = {}
     # Every abs-pow evaluation reads the old weights, so all of them run before any update.
@@ -279,21 +278,22 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
                           and updates[graph.weighted[n].weight].p == p)
         results[p] = (graph.evaluate(p, fused), fused)
     batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
-    for name, param in named.items():
-        update = updates.get(param)
-        if update is None:
-            continue
-        result, fused = results[update.p]
-        module_name = name.rsplit(".", 1)[0]
-        if module_name in fused and name.endswith(".weight"):
-            gamma_in, gamma_out = result.dense_gammas[module_name]
-            buffer = update.prepare_buffer()
-            ops.fused_dense_step_(param, update.grad, buffer, *_log_scaled(gamma_in.to(param.device), param),
-                                  *_log_scaled(gamma_out.to(param.device), param), **update.hyper())
-            continue
-        update.prepare_buffer()
-        batches.setdefault((id(update.group), update.first_step, param.device), []).append(
-            (update, result.kappas[name].to(param.device)))
+    for module_name, module in graph.weighted.items():
+        for kind in ("weight", "bias"):
+            param = getattr(module, kind)
+            update = updates.get(param) if param is not None else None
+            if update is None:
+                continue
+            result, fused = results[update.p]
+            if kind == "weight" and module_name in fused:
+                gamma_in, gamma_out = result.dense_gammas[module_name]
+                buffer = update.prepare_buffer()
+                ops.fused_dense_step_(param, update.grad, buffer, *_log_scaled(gamma_in.to(param.device), param),
+                                      *_log_scaled(gamma_out.to(param.device), param), **update.hyper())
+                continue
+            update.prepare_buffer()
+            batches.setdefault((id(update.group), update.first_step, param.device), []).append(
+                (update, result.kappas[graph.param_name(module_name, kind)].to(param.device)))
     _apply_batches(batches)
 
 

@@ -64,14 +64,14 @@ def _chain_kappas(chain: DenseChain, p: float) -> Dict[str, Tensor]:
         gin = chain_gamma_in(chain, p, dtype=torch.float64)
         last = chain.layers[-1].weight
         gout = unit_gamma(last.shape[0], torch.float64, last.device)
-        kappas: Dict[str, Tensor] = {}
+        kappas: Dict[int, Tensor] = {}  # by id(parameter)
         for layer, (v_in, s_in) in zip(reversed(chain.layers), reversed(gin[:-1])):
             v_out, s_out = gout
-            kappas[f"{layer.name}.weight"] = torch.outer(v_out, v_in) * (s_out + s_in).exp()
+            kappas[id(layer.weight)] = torch.outer(v_out, v_in) * (s_out + s_in).exp()
             if layer.bias is not None:
-                kappas[f"{layer.name}.bias"] = v_out * s_out.exp()
+                kappas[id(layer.bias)] = v_out * s_out.exp()
             gout = reference.gamma_backward(layer.weight.double(), v_out, s_out, p)
-    return {name: kappas[name] for name in chain.named_parameters()}  # model order
+    return {name: kappas[id(t)] for name, t in chain.named_parameters().items()}  # model order
 
 
 def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Tensor:
@@ -84,6 +84,7 @@ def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, .
     dtype = reference.opmath_dtype(next(iter(graph.named_parameters().values())).dtype)
     if isinstance(graph, DenseChain):
         return (_chain_log_path_norm_pow(graph, p) / p).exp().to(dtype)
+    graph.check_mode(set())
     total = graph.evaluate(p, frozenset(), differentiable=True, need_grads=False).total
     return total.pow(1.0 / p).to(dtype)
 
@@ -99,5 +100,6 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
     graph = build_path_graph(model, input_shape)
     if isinstance(graph, DenseChain):
         return _chain_kappas(graph, p)
+    graph.check_mode(set())
     kappas = graph.evaluate(p, frozenset()).kappas
     return {name: kappas[name] for name in graph.named_parameters()}

@@ -112,49 +112,67 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, c
   return {out, at::scalar_tensor(out_log_scale, gamma_in_log_scale.options())};
 }
 
-// kappa_ij^(2/p) = row_scale_i * col_scale_j, split so neither factor leaves
-// the opmath range when the gamma vectors themselves would.
+// kappa_ij^(2/p) of a dense layer as factors row_i * col_j (see choose_kappa_split),
+// or, when no split keeps both in the opmath range, as exact per-element logs.
 template <typename opmath_t>
-void kappa_pow_factors(const opmath_t* gamma_out, int64_t rows, const opmath_t* gamma_in, int64_t cols, double log_scale,
-                       double p, std::vector<opmath_t>& row_scale, std::vector<opmath_t>& col_scale) {
-  const double e = 2.0 / p;
-  row_scale.resize(rows);
-  col_scale.resize(cols);
-  for (int64_t i = 0; i < rows; ++i) {
-    const double g = static_cast<double>(gamma_out[i]);
-    row_scale[i] = g > 0 ? static_cast<opmath_t>(std::exp(e * (std::log(g) + log_scale))) : opmath_t(0);
+struct KappaPowFactors {
+  std::vector<opmath_t> row, col;
+  std::vector<double> log_row, log_col;
+  bool exact = false;
+
+  KappaPowFactors(const opmath_t* gamma_out, int64_t rows, const opmath_t* gamma_in, int64_t cols, double log_scale,
+                  double p, double eps) {
+    const double e = 2.0 / p;
+    log_row.resize(rows);
+    log_col.resize(cols);
+    double rmin = INFINITY, rmax = -INFINITY, cmin = INFINITY, cmax = -INFINITY;
+    for (int64_t i = 0; i < rows; ++i) {
+      log_row[i] = e * std::log(static_cast<double>(gamma_out[i]));
+      if (log_row[i] > -INFINITY) rmin = std::min(rmin, log_row[i]), rmax = std::max(rmax, log_row[i]);
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      log_col[j] = e * (std::log(static_cast<double>(gamma_in[j])) + log_scale);
+      if (log_col[j] > -INFINITY) cmin = std::min(cmin, log_col[j]), cmax = std::max(cmax, log_col[j]);
+    }
+    // Stay well inside the opmath range (float: e^80 ~ 5.5e34).
+    const double limit = std::is_same_v<opmath_t, double> ? 700.0 : 80.0;
+    const KappaSplit split = choose_kappa_split(rmin, rmax, cmin, cmax, eps > 0 ? std::log(eps) : -INFINITY, limit);
+    exact = split.exact;
+    if (exact) return;
+    row.resize(rows);
+    col.resize(cols);
+    for (int64_t i = 0; i < rows; ++i) row[i] = static_cast<opmath_t>(std::exp(log_row[i] + split.split));
+    for (int64_t j = 0; j < cols; ++j) col[j] = static_cast<opmath_t>(std::exp(log_col[j] - split.split));
   }
-  for (int64_t j = 0; j < cols; ++j) {
-    col_scale[j] = static_cast<opmath_t>(std::pow(static_cast<double>(gamma_in[j]), e));
-  }
-}
+};
 
 // One column block [j0, j1) of the fused pass, walking all rows in order so each
 // column of gamma_out_prev is summed in a fixed order whatever the thread count.
 template <typename scalar_t, bool kUpdate>
 void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
                         scalar_t* B, const at::opmath_type<scalar_t>* gout,
-                        const at::opmath_type<scalar_t>* row_scale, const at::opmath_type<scalar_t>* col_scale,
-                        at::opmath_type<scalar_t>* y, PowKind kind, at::opmath_type<scalar_t> p,
-                        const SgdParams<at::opmath_type<scalar_t>>& h) {
+                        const KappaPowFactors<at::opmath_type<scalar_t>>* kappa, at::opmath_type<scalar_t>* y,
+                        PowKind kind, at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const bool exact = kUpdate && kappa->exact;
   for (int64_t j = j0; j < j1; ++j) y[j] = opmath_t(0);
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* w = W + i * cols;
     const scalar_t* g = kUpdate ? G + i * cols : nullptr;
     scalar_t* b = (kUpdate && h.has_momentum) ? B + i * cols : nullptr;
     const opmath_t go = gout[i];
-    const opmath_t rs = kUpdate ? row_scale[i] : opmath_t(0);
+    const opmath_t rs = (kUpdate && !exact) ? kappa->row[i] : opmath_t(0);
+    const opmath_t* cs = (kUpdate && !exact) ? kappa->col.data() : nullptr;
     int64_t j = j0;
     if constexpr (std::is_same_v<scalar_t, opmath_t>) {
       using V = Vectorized<opmath_t>;
       const V vgo(go), vrs(rs);
-      for (; j + V::size() <= j1; j += V::size()) {
+      for (; !exact && j + V::size() <= j1; j += V::size()) {
         const V wv = V::loadu(w + j);
         (V::loadu(y + j) + abs_pow(wv, kind, p) * vgo).store(y + j);
         if constexpr (kUpdate) {
           V bv = b ? V::loadu(b + j) : V(opmath_t(0));
-          path_sgd_element(wv, V::loadu(g + j), bv, vrs * V::loadu(col_scale + j), h).store(w + j);
+          path_sgd_element(wv, V::loadu(g + j), bv, vrs * V::loadu(cs + j), h).store(w + j);
           if (b) bv.store(b + j);
         }
       }
@@ -163,8 +181,9 @@ void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scal
       const opmath_t wv = static_cast<opmath_t>(w[j]);
       y[j] += abs_pow(wv, kind, p) * go;
       if constexpr (kUpdate) {
+        const opmath_t kp = exact ? static_cast<opmath_t>(std::exp(kappa->log_row[i] + kappa->log_col[j])) : rs * cs[j];
         opmath_t bv = b ? static_cast<opmath_t>(b[j]) : opmath_t(0);
-        w[j] = static_cast<scalar_t>(path_sgd_element(wv, static_cast<opmath_t>(g[j]), bv, rs * col_scale[j], h));
+        w[j] = static_cast<scalar_t>(path_sgd_element(wv, static_cast<opmath_t>(g[j]), bv, kp, h));
         if (b) b[j] = static_cast<scalar_t>(bv);
       }
     }
@@ -209,14 +228,13 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
       using opmath_t = at::opmath_type<scalar_t>;
       const opmath_t* go = gout.const_data_ptr<opmath_t>();
       const opmath_t* gi = gin.const_data_ptr<opmath_t>();
-      std::vector<opmath_t> row_scale, col_scale;
+      std::optional<KappaPowFactors<opmath_t>> kappa;
       SgdParams<opmath_t> h;
       if (update) {
         h = make_sgd_params<opmath_t>(lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
                                       first_step, eps, clamp_min, clamp_max);
-        kappa_pow_factors(go, rows, gi, cols,
-                          gamma_in_log_scale.item<double>() + gamma_out_log_scale.item<double>(), p, row_scale,
-                          col_scale);
+        kappa.emplace(go, rows, gi, cols, gamma_in_log_scale.item<double>() + gamma_out_log_scale.item<double>(), p,
+                      eps);
       }
       scalar_t* W = w.mutable_data_ptr<scalar_t>();
       const scalar_t* G = update ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -228,10 +246,9 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
       const int64_t grain = std::max<int64_t>(64, kElementGrain / std::max<int64_t>(rows, 1));
       at::parallel_for(0, cols, grain, [&](int64_t j0, int64_t j1) {
         if (update) {
-          dense_column_block<scalar_t, true>(rows, cols, j0, j1, W, G, B, go, row_scale.data(), col_scale.data(), Y,
-                                             kind, pp, h);
+          dense_column_block<scalar_t, true>(rows, cols, j0, j1, W, G, B, go, &*kappa, Y, kind, pp, h);
         } else {
-          dense_column_block<scalar_t, false>(rows, cols, j0, j1, W, G, B, go, nullptr, nullptr, Y, kind, pp, h);
+          dense_column_block<scalar_t, false>(rows, cols, j0, j1, W, G, B, go, nullptr, Y, kind, pp, h);
         }
       });
       out_log_scale = normalize_log_scaled(Y, cols, gamma_out_log_scale.item<double>(), static_cast<const double*>(nullptr));
