@@ -248,6 +248,17 @@ class GeneralGraph:
                 if node.target not in _SHAPE_METHODS | _IDENTITY_METHODS | {"mean", "sum"}:
                     raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
                                      f"known to be positively homogeneous; {SUPPORTED}")
+        # Layers whose output never reaches the model output carry no path: leave them out so
+        # the stray-parameter check below names their parameters.
+        live: Set[torch.fx.Node] = set()
+        stack = [n for n in self.gm.graph.nodes if n.op == "output"]
+        while stack:
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack.extend(node.all_input_nodes)
+        live_targets = {n.target for n in live if n.op == "call_module"}
+        self.weighted = {name: m for name, m in self.weighted.items() if name in live_targets}
         if not self.weighted:
             raise ValueError(f"pathsgd: {type(self.model).__name__} has no Linear or Conv layer; {SUPPORTED}")
         on_paths = {id(t) for t in self.named_parameters().values()}

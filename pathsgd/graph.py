@@ -94,12 +94,22 @@ def _trace(model: nn.Module) -> Tuple[torch.fx.GraphModule, str]:
     prefix = ""
     if isinstance(model, WEIGHTED_LAYERS):
         model, prefix = nn.Sequential(model), _BARE_LAYER_PREFIX
+    tracer = torch.fx.Tracer()
     try:
-        return torch.fx.symbolic_trace(model), prefix
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many exception types
+        # fx leaves the module being traced when it failed at the top of its module stack.
+        stack = list(getattr(tracer, "module_stack", {}).items())
+        where = type(model).__name__
+        if stack and stack[-1][0]:
+            qualname, module_type = stack[-1][0], stack[-1][1]
+            type_name = module_type[1].__name__ if isinstance(module_type, tuple) else getattr(
+                module_type, "__name__", str(module_type))
+            where = f"module '{qualname}' ({type_name}) of {type(model).__name__}"
         raise ValueError(
-            f"pathsgd: could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). "
+            f"pathsgd: could not trace {where} with torch.fx ({type(exc).__name__}: {exc}). "
             "Path-SGD needs a static graph; data-dependent control flow is not supported.") from exc
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__), prefix
 
 
 def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
