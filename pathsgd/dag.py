@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import abs_pow
+from .reference import abs_pow, opmath_dtype
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED = (nn.Linear,) + _CONV
@@ -172,6 +172,39 @@ def _function_pool_args(node: torch.fx.Node) -> Tuple[str, int, Dict[str, Any]]:
     args = dict(zip(names, node.args[1:]))
     args.update(node.kwargs)
     return kind, nd, args
+
+
+def to_log_scaled(gamma: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A float64 gamma vector as a (normalized ``dtype`` vector, float64 log scale) pair."""
+    peak = gamma.amax()
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return (gamma / scale).to(dtype), scale.log()
+
+
+class _DenseGamma(torch.autograd.Function):
+    """``y = |W|^p x`` on float64 gamma maps through the dense kernels: |W|^p is never
+    materialized, and the backward ``|W|^pT g`` is the read-only fused pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, p: float) -> Tensor:
+        from . import ops
+        opmath = opmath_dtype(weight.dtype)
+        y, log_scale = ops.gamma_forward(weight, None, *to_log_scaled(x.reshape(-1), opmath), p)
+        ctx.save_for_backward(weight)
+        ctx.p = p
+        return (y.double() * log_scale.exp()).reshape(1, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        from . import ops
+        (weight,) = ctx.saved_tensors
+        opmath = opmath_dtype(weight.dtype)
+        unused_gamma_in = torch.ones(weight.shape[1], dtype=opmath, device=weight.device)
+        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
+        g, log_scale = ops.fused_dense_step_(weight, None, None, unused_gamma_in, zero,
+                                             *to_log_scaled(grad.reshape(-1), opmath), ctx.p, 0.0, 0.0, 0.0, 0.0,
+                                             False, False, False, 0.0, None, None, None)
+        return (g.double() * log_scale.exp()).reshape(1, -1), None, None
 
 
 class AbsNetResult:
@@ -376,21 +409,23 @@ class GeneralGraph:
                 m = self.modules[node.target]
                 x = val(node.args[0])
                 if isinstance(m, _WEIGHTED):
-                    is_fused = node.target in fused
-                    w = a(self.param_name(node.target, "weight"), m.weight, leaf=not is_fused)
+                    is_fused = node.target in fused and need_grads and not differentiable
                     b = a(self.param_name(node.target, "bias"), m.bias, leaf=True) if m.bias is not None else None
                     x = x.to(device)
-                    if isinstance(m, nn.Linear):
-                        if record_ranks:
-                            self._linear_input_rank[node.target] = x.dim()
-                        y = F.linear(x, w, b)
-                        if is_fused and need_grads:
-                            if not y.requires_grad:  # e.g. first layer without bias: make it a leaf
-                                y.requires_grad_(True)
-                            captured[node.target] = (x, y)
+                    if record_ranks and isinstance(m, nn.Linear):
+                        self._linear_input_rank[node.target] = x.dim()
+                    if is_fused:  # a Linear called once on a vector: kappa stays rank-1, never materialized
+                        y = _DenseGamma.apply(x, m.weight.detach(), p)
+                        y = y + b if b is not None else y
+                        if not y.requires_grad:  # first layer without bias: make it a leaf
+                            y.requires_grad_(True)
+                        captured[node.target] = (x, y)
+                    elif isinstance(m, nn.Linear):
+                        y = F.linear(x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b)
                     else:
                         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)]
-                        y = conv(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+                        y = conv(x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b, m.stride,
+                                 m.padding, m.dilation, m.groups)
                     env[node] = y
                 elif isinstance(m, _BATCHNORM):
                     env[node] = self._batchnorm(m, x, p)

@@ -7,6 +7,7 @@ one-time warning that says why. ``PATHSGD_BACKEND=reference`` forces the twin.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import List, Optional, Tuple
@@ -68,13 +69,17 @@ def compiled_available() -> bool:
     return _UNAVAILABLE_REASON is None
 
 
-def has_kernel(device_type: str) -> bool:
-    """True when every op has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
-    if not compiled_available():
-        return False
+@functools.lru_cache(maxsize=None)
+def _kernels_registered(device_type: str) -> bool:
+    # Registrations happen at import of pathsgd._C and never change afterwards: ask once.
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when every op has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
+    return compiled_available() and _kernels_registered(device_type)
 
 
 def backend_for(device_type: str) -> str:

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from .dag import GeneralGraph
+from .dag import GeneralGraph, to_log_scaled
 from .graph import DenseChain, build_path_graph
 from .reference import opmath_dtype
 from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
@@ -262,13 +262,6 @@ _READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay
                         first_step=False, eps=0.0, clamp_min=None, clamp_max=None, lr_tensor=None)
 
 
-def _log_scaled(gamma: Tensor, like: Tensor) -> LogScaled:
-    """A float64 gamma vector as a (normalized, log scale) pair for the dense kernel."""
-    peak = gamma.amax()
-    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return (gamma / scale).to(opmath_dtype(like.dtype)), scale.log()
-
-
 def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
     fusable = graph.fusable_linears()
     results = {}
@@ -288,8 +281,9 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
             if kind == "weight" and module_name in fused:
                 gamma_in, gamma_out = result.dense_gammas[module_name]
                 buffer = update.prepare_buffer()
-                ops.fused_dense_step_(param, update.grad, buffer, *_log_scaled(gamma_in.to(param.device), param),
-                                      *_log_scaled(gamma_out.to(param.device), param), **update.hyper())
+                opmath = opmath_dtype(param.dtype)
+                ops.fused_dense_step_(param, update.grad, buffer, *to_log_scaled(gamma_in.to(param.device), opmath),
+                                      *to_log_scaled(gamma_out.to(param.device), opmath), **update.hyper())
                 continue
             update.prepare_buffer()
             batches.setdefault((id(update.group), update.first_step, param.device), []).append(
