@@ -183,28 +183,33 @@ def to_log_scaled(gamma: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
 
 class _DenseGamma(torch.autograd.Function):
     """``y = |W|^p x`` on float64 gamma maps through the dense kernels: |W|^p is never
-    materialized, and the backward ``|W|^pT g`` is the read-only fused pass."""
+    materialized, and the backward ``|W|^pT g`` is the read-only fused pass.
+
+    ``record`` receives the layer's log-scaled ``gamma_in`` and ``gamma_out`` (the
+    gradient reaching y), exactly what the fused update of W needs.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, p: float, record: Dict[str, Any]) -> Tensor:
         from . import ops
-        opmath = opmath_dtype(weight.dtype)
-        y, log_scale = ops.gamma_forward(weight, None, *to_log_scaled(x.reshape(-1), opmath), p)
+        record["gamma_in"] = to_log_scaled(x.reshape(-1), opmath_dtype(weight.dtype))
+        y, log_scale = ops.gamma_forward(weight, None, *record["gamma_in"], p)
         ctx.save_for_backward(weight)
-        ctx.p = p
+        ctx.p, ctx.record = p, record
         return (y.double() * log_scale.exp()).reshape(1, -1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         from . import ops
         (weight,) = ctx.saved_tensors
-        opmath = opmath_dtype(weight.dtype)
-        unused_gamma_in = torch.ones(weight.shape[1], dtype=opmath, device=weight.device)
-        zero = torch.zeros((), dtype=torch.float64, device=weight.device)
-        g, log_scale = ops.fused_dense_step_(weight, None, None, unused_gamma_in, zero,
-                                             *to_log_scaled(grad.reshape(-1), opmath), ctx.p, 0.0, 0.0, 0.0, 0.0,
+        gamma_out = to_log_scaled(grad.reshape(-1), opmath_dtype(weight.dtype))
+        ctx.record["gamma_out"] = gamma_out
+        if not ctx.record["input_needs_grad"]:
+            return None, None, None, None
+        v_in, s_in = ctx.record["gamma_in"]  # unused by a read-only pass, but shaped as the op needs
+        g, log_scale = ops.fused_dense_step_(weight, None, None, v_in, s_in, *gamma_out, ctx.p, 0.0, 0.0, 0.0, 0.0,
                                              False, False, False, 0.0, None, None, None)
-        return (g.double() * log_scale.exp()).reshape(1, -1), None, None
+        return (g.double() * log_scale.exp()).reshape(1, -1), None, None, None
 
 
 class AbsNetResult:
@@ -213,7 +218,8 @@ class AbsNetResult:
     def __init__(self) -> None:
         self.total: Optional[Tensor] = None                 # phi_p^p
         self.kappas: Dict[str, Tensor] = {}                 # materialized kappa per parameter name
-        self.dense_gammas: Dict[str, Tuple[Tensor, Tensor]] = {}  # fused Linear name -> (gamma_in, gamma_out)
+        # fused Linear name -> (gamma_in, gamma_in log scale, gamma_out, gamma_out log scale), opmath vectors
+        self.dense_gammas: Dict[str, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
 class GeneralGraph:
@@ -383,7 +389,8 @@ class GeneralGraph:
         device = first.device
         result = AbsNetResult()
         leaves: Dict[str, Tensor] = {}
-        captured: Dict[str, Tuple[Tensor, Tensor]] = {}
+        records: Dict[str, Dict[str, Any]] = {}
+        dense_inputs: List[Tensor] = []  # leaves that make every fused layer's backward run
 
         def a(name: str, t: Tensor, leaf: bool) -> Tensor:
             if name in leaves:
@@ -411,15 +418,16 @@ class GeneralGraph:
                 if isinstance(m, _WEIGHTED):
                     is_fused = node.target in fused and need_grads and not differentiable
                     b = a(self.param_name(node.target, "bias"), m.bias, leaf=True) if m.bias is not None else None
-                    x = x.to(device)
+                    x = x if x.device == device else x.to(device)
                     if record_ranks and isinstance(m, nn.Linear):
                         self._linear_input_rank[node.target] = x.dim()
                     if is_fused:  # a Linear called once on a vector: kappa stays rank-1, never materialized
-                        y = _DenseGamma.apply(x, m.weight.detach(), p)
+                        record = records[node.target] = {"input_needs_grad": x.requires_grad}
+                        if not x.requires_grad:
+                            x = x.detach().requires_grad_(True)
+                            dense_inputs.append(x)
+                        y = _DenseGamma.apply(x, m.weight.detach(), p, record)
                         y = y + b if b is not None else y
-                        if not y.requires_grad:  # first layer without bias: make it a leaf
-                            y.requires_grad_(True)
-                        captured[node.target] = (x, y)
                     elif isinstance(m, nn.Linear):
                         y = F.linear(x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b)
                     else:
@@ -444,13 +452,14 @@ class GeneralGraph:
         result.total = total
         if need_grads and not differentiable:
             grad_leaves = {n: t for n, t in leaves.items() if t.requires_grad}
-            captured_outputs = [y for _, y in captured.values()]
-            grads = torch.autograd.grad(total, list(grad_leaves.values()) + captured_outputs, allow_unused=True)
-            for (name, t), g in zip(grad_leaves.items(), grads[:len(grad_leaves)]):
+            grads = torch.autograd.grad(total, list(grad_leaves.values()) + dense_inputs, allow_unused=True)
+            for (name, t), g in zip(grad_leaves.items(), grads):
                 result.kappas[name] = g if g is not None else torch.zeros_like(t)
-            for (name, (x, y)), g in zip(captured.items(), grads[len(grad_leaves):]):
-                result.dense_gammas[name] = (x.detach().reshape(-1), (g if g is not None else torch.zeros_like(y))
-                                             .reshape(-1))
+            for name, record in records.items():
+                record.setdefault("gamma_out", (torch.zeros(self.weighted[name].out_features,
+                                                            dtype=record["gamma_in"][0].dtype, device=device),
+                                                torch.zeros((), dtype=torch.float64, device=device)))
+                result.dense_gammas[name] = (*record["gamma_in"], *record["gamma_out"])
         return result
 
     @staticmethod

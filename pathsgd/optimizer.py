@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from .dag import GeneralGraph, to_log_scaled
+from .dag import GeneralGraph
 from .graph import DenseChain, build_path_graph
 from .reference import opmath_dtype
 from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
@@ -279,16 +279,18 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
                 continue
             result, fused = results[update.p]
             if kind == "weight" and module_name in fused:
-                gamma_in, gamma_out = result.dense_gammas[module_name]
                 buffer = update.prepare_buffer()
-                opmath = opmath_dtype(param.dtype)
-                ops.fused_dense_step_(param, update.grad, buffer, *to_log_scaled(gamma_in.to(param.device), opmath),
-                                      *to_log_scaled(gamma_out.to(param.device), opmath), **update.hyper())
+                gammas = [_on_device(t, param.device) for t in result.dense_gammas[module_name]]
+                ops.fused_dense_step_(param, update.grad, buffer, *gammas, **update.hyper())
                 continue
             update.prepare_buffer()
             batches.setdefault((id(update.group), update.first_step, param.device), []).append(
-                (update, result.kappas[graph.param_name(module_name, kind)].to(param.device)))
+                (update, _on_device(result.kappas[graph.param_name(module_name, kind)], param.device)))
     _apply_batches(batches)
+
+
+def _on_device(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device)
 
 
 def _apply_batches(batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]]) -> None:
