@@ -228,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, 
 // ---------------------------------------------------------------------------
 // fused_dense_step_
 //
-// 1. kappa_factors_kernel: row_scale_i = exp(2/p (log gamma_out_i + s_in + s_out)) and
-//    col_scale_j = gamma_in_j^(2/p), both in float64 then cast to opmath (the CPU's
-//    kappa_pow_factors); O(rows + cols).
+// 1. kappa_factors_kernel (one block): kappa^(2/p) = row_scale_i * col_scale_j split as
+//    the CPU's KappaPowFactors does (choose_kappa_split), in float64 then cast to opmath,
+//    or an exact per-element flag when no split fits; O(rows + cols).
 // 2. fused_tile_kernel, grid (column tiles, row tiles), block 32 x 8: thread x owns the
 //    VEC columns of one 16-byte chunk, warp y walks rows r0 + y, r0 + y + 8, ... of the
 //    row tile. It reads W (and grad, momentum buffer) once, accumulates |W_old|^p gamma_out
@@ -245,25 +245,70 @@ constexpr int kTileThreads = kWarp * kTileWarps;
 constexpr int64_t kTargetTileBlocks = 1024;
 constexpr int64_t kMinRowsPerTile = 64;
 
+constexpr int kFactorThreads = 1024;
+
+// One block: logs of the kappa factors, their ranges, the split of choose_kappa_split
+// (the CPU's KappaPowFactors), and the factors themselves; O(rows + cols), no host sync.
+// `exact_flag` tells the tile kernel to use exp(log_row_i + log_col_j) per element.
 template <typename opmath_t>
-__global__ void kappa_factors_kernel(const opmath_t* __restrict__ gout, const opmath_t* __restrict__ gin,
-                                     opmath_t* __restrict__ row_scale, opmath_t* __restrict__ col_scale,
-                                     int64_t rows, int64_t cols, double e, DeviceScalar s_in, DeviceScalar s_out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < rows) {
-    const double log_scale = s_in.get() + s_out.get();
-    const double g = static_cast<double>(gout[idx]);
-    row_scale[idx] = g > 0 ? static_cast<opmath_t>(::exp(e * (::log(g) + log_scale))) : opmath_t(0);
+__global__ void __launch_bounds__(kFactorThreads)
+    kappa_factors_kernel(const opmath_t* __restrict__ gout, const opmath_t* __restrict__ gin,
+                         opmath_t* __restrict__ row_scale, opmath_t* __restrict__ col_scale,
+                         double* __restrict__ log_row, double* __restrict__ log_col, int* __restrict__ exact_flag,
+                         int64_t rows, int64_t cols, double e, DeviceScalar s_in, DeviceScalar s_out, double log_eps,
+                         double log_limit) {
+  __shared__ double s_red[4][kFactorThreads];
+  __shared__ double s_split;
+  const int t = threadIdx.x;
+  const double log_scale = s_in.get() + s_out.get();
+  double rmin = INFINITY, rmax = -INFINITY, cmin = INFINITY, cmax = -INFINITY;
+  for (int64_t i = t; i < rows; i += kFactorThreads) {
+    const double v = e * ::log(static_cast<double>(gout[i]));
+    log_row[i] = v;
+    if (v > -INFINITY) rmin = fmin(rmin, v), rmax = fmax(rmax, v);
   }
-  if (idx < cols) col_scale[idx] = static_cast<opmath_t>(::pow(static_cast<double>(gin[idx]), e));
+  for (int64_t j = t; j < cols; j += kFactorThreads) {
+    const double v = e * (::log(static_cast<double>(gin[j])) + log_scale);
+    log_col[j] = v;
+    if (v > -INFINITY) cmin = fmin(cmin, v), cmax = fmax(cmax, v);
+  }
+  s_red[0][t] = rmin, s_red[1][t] = rmax, s_red[2][t] = cmin, s_red[3][t] = cmax;
+  __syncthreads();
+  for (int stride = kFactorThreads / 2; stride > 0; stride /= 2) {  // min/max: order-independent
+    if (t < stride) {
+      s_red[0][t] = fmin(s_red[0][t], s_red[0][t + stride]);
+      s_red[1][t] = fmax(s_red[1][t], s_red[1][t + stride]);
+      s_red[2][t] = fmin(s_red[2][t], s_red[2][t + stride]);
+      s_red[3][t] = fmax(s_red[3][t], s_red[3][t + stride]);
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    const KappaSplit split = choose_kappa_split(s_red[0][0], s_red[1][0], s_red[2][0], s_red[3][0], log_eps, log_limit);
+    s_split = split.split;
+    *exact_flag = split.exact ? 1 : 0;
+  }
+  __syncthreads();
+  const double split = s_split;
+  for (int64_t i = t; i < rows; i += kFactorThreads) row_scale[i] = static_cast<opmath_t>(::exp(log_row[i] + split));
+  for (int64_t j = t; j < cols; j += kFactorThreads) col_scale[j] = static_cast<opmath_t>(::exp(log_col[j] - split));
 }
+
+// kappa^(2/p) factors as the tile kernel reads them (see kappa_factors_kernel).
+template <typename opmath_t>
+struct KappaFactorsDev {
+  const opmath_t* row = nullptr;
+  const opmath_t* col = nullptr;
+  const double* log_row = nullptr;
+  const double* log_col = nullptr;
+  const int* exact = nullptr;
+};
 
 template <typename scalar_t, bool kUpdate, bool kAligned>
 __global__ void __launch_bounds__(kTileThreads)
     fused_tile_kernel(scalar_t* __restrict__ W, const scalar_t* __restrict__ G, scalar_t* __restrict__ B,
                       const at::opmath_type<scalar_t>* __restrict__ gout,
-                      const at::opmath_type<scalar_t>* __restrict__ row_scale,
-                      const at::opmath_type<scalar_t>* __restrict__ col_scale,
+                      KappaFactorsDev<at::opmath_type<scalar_t>> kappa,
                       at::opmath_type<scalar_t>* __restrict__ partial, int64_t rows, int64_t cols,
                       int64_t rows_per_tile, PowKind kind, at::opmath_type<scalar_t> p,
                       SgdParams<at::opmath_type<scalar_t>> h, DeviceScalar lr) {
@@ -285,9 +330,11 @@ __global__ void __launch_bounds__(kTileThreads)
   if (active) {
     opmath_t cs[VEC];
     SgdParams<opmath_t> hh = h;
+    bool exact = false;
     if constexpr (kUpdate) {
-      load_chunk<false, VEC>(col_scale, j, cols, cs);
+      load_chunk<false, VEC>(kappa.col, j, cols, cs);
       hh = with_lr(h, lr);
+      exact = *kappa.exact != 0;
     }
     const bool read_buf = kUpdate && hh.has_momentum && !hh.first_step;
     const bool write_buf = kUpdate && hh.has_momentum;
@@ -308,9 +355,18 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
           for (int k = 0; k < VEC; ++k) bv[k] = opmath_t(0);
         }
-        const opmath_t rs = row_scale[i];
+        const opmath_t rs = kappa.row[i];
+        if (exact) {  // factors out of range: per-element kappa^(2/p) from the logs (rare)
+          const double lr_i = kappa.log_row[i];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) wv[k] = path_sgd_element(wv[k], gv[k], bv[k], rs * cs[k], hh);
+          for (int k = 0; k < VEC; ++k) {
+            const opmath_t kp = j + k < cols ? static_cast<opmath_t>(::exp(lr_i + kappa.log_col[j + k])) : opmath_t(1);
+            wv[k] = path_sgd_element(wv[k], gv[k], bv[k], kp, hh);
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) wv[k] = path_sgd_element(wv[k], gv[k], bv[k], rs * cs[k], hh);
+        }
         store_chunk<kAligned, VEC>(W + off, j, cols, wv);
         if (write_buf) store_chunk<kAligned, VEC>(B + off, j, cols, bv);
       }
@@ -343,17 +399,17 @@ __global__ void reduce_partials_kernel(const opmath_t* __restrict__ partial, opm
 
 template <typename scalar_t, bool kUpdate>
 void launch_fused_tiles(bool aligned, dim3 grid, cudaStream_t stream, scalar_t* W, const scalar_t* G, scalar_t* B,
-                        const at::opmath_type<scalar_t>* gout, const at::opmath_type<scalar_t>* row_scale,
-                        const at::opmath_type<scalar_t>* col_scale, at::opmath_type<scalar_t>* partial, int64_t rows,
+                        const at::opmath_type<scalar_t>* gout, KappaFactorsDev<at::opmath_type<scalar_t>> kappa,
+                        at::opmath_type<scalar_t>* partial, int64_t rows,
                         int64_t cols, int64_t rows_per_tile, PowKind kind, at::opmath_type<scalar_t> p,
                         const SgdParams<at::opmath_type<scalar_t>>& h, DeviceScalar lr) {
   const dim3 block(kWarp, kTileWarps);
   if (aligned) {
     fused_tile_kernel<scalar_t, kUpdate, true><<<grid, block, 0, stream>>>(
-        W, G, B, gout, row_scale, col_scale, partial, rows, cols, rows_per_tile, kind, p, h, lr);
+        W, G, B, gout, kappa, partial, rows, cols, rows_per_tile, kind, p, h, lr);
   } else {
     fused_tile_kernel<scalar_t, kUpdate, false><<<grid, block, 0, stream>>>(
-        W, G, B, gout, row_scale, col_scale, partial, rows, cols, rows_per_tile, kind, p, h, lr);
+        W, G, B, gout, kappa, partial, rows, cols, rows_per_tile, kind, p, h, lr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -416,19 +472,27 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
         scalar_t* W = w.mutable_data_ptr<scalar_t>();
         const scalar_t* G = update ? g.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* B = use_buffer ? momentum_buffer->mutable_data_ptr<scalar_t>() : nullptr;
-        at::Tensor row_scale, col_scale;
+        at::Tensor row_scale, col_scale, logs, exact_flag;
+        KappaFactorsDev<opmath_t> kappa;
         SgdParams<opmath_t> h;
         if (update) {
           h = make_sgd_params<opmath_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps,
                                         clamp_min, clamp_max);
           row_scale = at::empty({rows}, gamma_out.options());
           col_scale = at::empty({cols}, gamma_in.options());
-          const int64_t n = std::max(rows, cols);
-          constexpr int kThreads = 256;
-          kappa_factors_kernel<opmath_t><<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
-              go, gi, row_scale.mutable_data_ptr<opmath_t>(), col_scale.mutable_data_ptr<opmath_t>(), rows, cols,
-              2.0 / p, s_in, s_out);
+          logs = at::empty({rows + cols}, gamma_in.options().dtype(at::kDouble));
+          exact_flag = at::empty({1}, gamma_in.options().dtype(at::kInt));
+          // Stay well inside the opmath range (float: e^80 ~ 5.5e34), as on the CPU.
+          const double log_limit = std::is_same_v<opmath_t, double> ? 700.0 : 80.0;
+          kappa_factors_kernel<opmath_t><<<1, kFactorThreads, 0, stream>>>(
+              go, gi, row_scale.mutable_data_ptr<opmath_t>(), col_scale.mutable_data_ptr<opmath_t>(),
+              logs.mutable_data_ptr<double>(), logs.mutable_data_ptr<double>() + rows,
+              exact_flag.mutable_data_ptr<int>(), rows, cols, 2.0 / p, s_in, s_out,
+              eps > 0 ? std::log(eps) : -INFINITY, log_limit);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          kappa = {row_scale.const_data_ptr<opmath_t>(), col_scale.const_data_ptr<opmath_t>(),
+                   logs.const_data_ptr<double>(), logs.const_data_ptr<double>() + rows,
+                   exact_flag.const_data_ptr<int>()};
         }
         // Tile shape: a function of (rows, cols, dtype) only, so the summation order is too.
         const int64_t col_tiles = ceil_div(cols, kTileCols);
@@ -447,11 +511,10 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
         const PowKind kind = pow_kind(p);
         const opmath_t pp = static_cast<opmath_t>(p);
         if (update) {
-          launch_fused_tiles<scalar_t, true>(aligned, grid, stream, W, G, B, go, row_scale.const_data_ptr<opmath_t>(),
-                                             col_scale.const_data_ptr<opmath_t>(), P, rows, cols, rows_per_tile, kind,
-                                             pp, h, lr_scalar);
+          launch_fused_tiles<scalar_t, true>(aligned, grid, stream, W, G, B, go, kappa, P, rows, cols, rows_per_tile,
+                                             kind, pp, h, lr_scalar);
         } else {
-          launch_fused_tiles<scalar_t, false>(aligned, grid, stream, W, G, B, go, nullptr, nullptr, P, rows, cols,
+          launch_fused_tiles<scalar_t, false>(aligned, grid, stream, W, G, B, go, kappa, P, rows, cols,
                                               rows_per_tile, kind, pp, h, lr_scalar);
         }
         if (row_tiles > 1) {
