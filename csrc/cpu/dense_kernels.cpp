@@ -152,8 +152,11 @@ template <typename scalar_t, bool kUpdate>
 void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
                         scalar_t* B, const at::opmath_type<scalar_t>* gout,
                         const KappaPowFactors<at::opmath_type<scalar_t>>* kappa, at::opmath_type<scalar_t>* y,
-                        PowKind kind, at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h) {
+                        PowKind kind, at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
   using opmath_t = at::opmath_type<scalar_t>;
+  // A local copy: stores through W could alias the fields of h_in, which would force
+  // the compiler to reload every hyper-parameter for every vector.
+  const SgdParams<opmath_t> h = h_in;
   const bool exact = kUpdate && kappa->exact;
   for (int64_t j = j0; j < j1; ++j) y[j] = opmath_t(0);
   for (int64_t i = 0; i < rows; ++i) {

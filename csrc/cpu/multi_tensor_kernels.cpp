@@ -11,8 +11,9 @@ using at::vec::Vectorized;
 
 template <typename scalar_t>
 void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
-                       const at::Tensor& kappa, double p, const SgdParams<at::opmath_type<scalar_t>>& h) {
+                       const at::Tensor& kappa, double p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const SgdParams<opmath_t> h = h_in;  // local copy: no aliasing with the stores below
   const at::Tensor g = grad.contiguous();
   const at::Tensor k = kappa.contiguous();
   with_contiguous(param, [&](const at::Tensor& w) {
