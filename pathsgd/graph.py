@@ -65,20 +65,31 @@ class DenseChain:
         return named
 
 
+def _sharded_types() -> Tuple[type, ...]:
+    types = []
+    for module_path, name in (("torch.distributed.fsdp", "FullyShardedDataParallel"),
+                              ("torch.distributed.fsdp", "FSDPModule"),
+                              ("torch.distributed.tensor", "DTensor")):
+        try:
+            types.append(getattr(__import__(module_path, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # older torch or no distributed support
+            pass
+    return tuple(types)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose parameters the optimizer updates: DDP/DataParallel are unwrapped; FSDP is refused."""
-    fsdp_types = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        fsdp_types.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover - torch built without distributed
-        pass
-    if any(isinstance(model, t) for t in fsdp_types) or type(model).__name__.startswith("FSDP"):
-        raise ValueError(
-            f"pathsgd: {type(model).__name__} (FSDP / sharded parameters) is not supported: path scales need every "
-            "layer's full weights on each rank. Use DistributedDataParallel, which PathSGD unwraps.")
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
+    sharded = _sharded_types()
+    for name, module in model.named_modules():
+        is_sharded = isinstance(module, sharded) or type(module).__name__.startswith("FSDP") or any(
+            isinstance(t, sharded) for t in module.parameters(recurse=False))
+        if is_sharded:
+            where = f"module '{name}' ({type(module).__name__})" if name else type(module).__name__
+            raise ValueError(
+                f"pathsgd: {where} is sharded (FSDP / DTensor parameters), which is not supported: path scales need "
+                "every layer's full weights on each rank. Use DistributedDataParallel, which PathSGD unwraps.")
     return model
 
 
