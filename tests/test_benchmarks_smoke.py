@@ -1,0 +1,78 @@
+"""The benchmark suite's naive baseline is a correct Path-SGD, and (opt-in) the suite runs end to end.
+
+The end-to-end run (``python -m benchmarks.run --quick``) takes about a minute, so it only runs
+when ``PATHSGD_BENCH_SMOKE=1`` is set.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pathsgd
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from benchmarks.baselines import NaivePathSGD  # noqa: E402
+
+
+def _tiny_mlp(bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 7, bias=bias), nn.ReLU(), nn.Linear(7, 6, bias=bias), nn.ReLU(),
+                         nn.Linear(6, 3, bias=bias)).double()
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("hyper", [dict(momentum=0.0), dict(momentum=0.9, weight_decay=1e-2, nesterov=True),
+                                   dict(momentum=0.5, dampening=0.1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_naive_baseline_matches_pathsgd(p, hyper, bias):
+    torch.manual_seed(0)
+    model = _tiny_mlp(bias)
+    with torch.no_grad():  # unbalance the hidden units so kappa varies over orders of magnitude
+        model[0].weight.mul_(torch.logspace(-1, 1, 7, dtype=torch.float64)[:, None])
+    twin = copy.deepcopy(model)
+    opt = pathsgd.PathSGD(model, lr=0.05, p=p, **hyper)
+    naive = NaivePathSGD(twin, lr=0.05, p=p, **hyper)
+    for _ in range(3):
+        x = torch.randn(8, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,))
+        for m, o in ((model, opt), (twin, naive)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=f"{name} differs (p={p}, {hyper})")
+
+
+def test_naive_baseline_one_step_equals_pathsgd_formula():
+    """One step, no momentum: w - lr * g / kappa^(2/p) with kappa from pathsgd.path_scales."""
+    torch.manual_seed(1)
+    model = _tiny_mlp()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    F.cross_entropy(model(x), y).backward()
+    kappa = pathsgd.path_scales(model, p=2)
+    expected = {n: (w - 0.1 * w.grad / kappa[n]).detach() for n, w in model.named_parameters()}
+    NaivePathSGD(model, lr=0.1, momentum=0.0, p=2).step()
+    for name, w in model.named_parameters():
+        torch.testing.assert_close(w.detach(), expected[name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(os.environ.get("PATHSGD_BENCH_SMOKE") != "1",
+                    reason="set PATHSGD_BENCH_SMOKE=1 to run the benchmark suite's --quick mode (about a minute)")
+def test_benchmark_suite_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name in ("report.md", "results.json", "step_time.png", "scaling.png", "memory.png", "convergence.png"):
+        assert (tmp_path / name).is_file(), name
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["parts"]) == {"step_time", "scaling", "memory", "convergence"}
+    assert results["machine"]["torch_version"] == torch.__version__
+    headline = results["parts"]["step_time"]["headline"]
+    assert headline["pathsgd_over_sgd_foreach"] > 0
