@@ -65,15 +65,13 @@ struct SgdParams {
   bool has_clamp_max = false;
 };
 
-// One Path-SGD element update: the exact torch.optim.SGD update applied to
-//   g_tilde = g / max(kappa^(2/p), eps)
-// followed by the optional clamp. `kappa_pow` is kappa^(2/p). Returns the new
+// torch.optim.SGD's update of one element given the path-scaled gradient
+// g_tilde (already negated under maximize): weight decay, momentum (the first
+// step sets the buffer to g_tilde), lr, then the optional clamp. Returns the new
 // weight and updates `buf` in place when momentum is on.
 template <typename T, typename S>
-PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>& h) {
+PATHSGD_HD T sgd_apply(T w, T d, T& buf, const SgdParams<S>& h) {
   using M = MathOps<T>;
-  if (h.maximize) g = T(S(0)) - g;
-  T d = g / M::max_keep_nan(kappa_pow, T(h.eps));
   if (h.weight_decay != S(0)) d = d + T(h.weight_decay) * w;
   if (h.has_momentum) {
     buf = h.first_step ? d : T(h.momentum) * buf + T(S(1) - h.dampening) * d;
@@ -83,6 +81,16 @@ PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>&
   if (h.has_clamp_min) w = M::max_keep_nan(w, T(h.clamp_min));
   if (h.has_clamp_max) w = M::min_keep_nan(w, T(h.clamp_max));
   return w;
+}
+
+// One Path-SGD element update: the exact torch.optim.SGD update applied to
+//   g_tilde = g / max(kappa^(2/p), eps)
+// followed by the optional clamp. `kappa_pow` is kappa^(2/p).
+template <typename T, typename S>
+PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>& h) {
+  using M = MathOps<T>;
+  if (h.maximize) g = T(S(0)) - g;
+  return sgd_apply(w, g / M::max_keep_nan(kappa_pow, T(h.eps)), buf, h);
 }
 
 // kappa_ij^(2/p) = exp(log_row_i + log_col_j) is applied as row_i * col_j with

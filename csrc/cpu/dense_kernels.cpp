@@ -117,6 +117,9 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, c
 template <typename opmath_t>
 struct KappaPowFactors {
   std::vector<opmath_t> row, col;
+  // Reciprocals: 1 / max(row_i col_j, eps) = min(inv_row_i inv_col_j, 1/eps) turns the
+  // per-element division into a multiplication (the fast path is compute-bound otherwise).
+  std::vector<opmath_t> inv_row, inv_col;
   std::vector<double> log_row, log_col;
   bool exact = false;
 
@@ -141,8 +144,16 @@ struct KappaPowFactors {
     if (exact) return;
     row.resize(rows);
     col.resize(cols);
-    for (int64_t i = 0; i < rows; ++i) row[i] = static_cast<opmath_t>(std::exp(log_row[i] + split.split));
-    for (int64_t j = 0; j < cols; ++j) col[j] = static_cast<opmath_t>(std::exp(log_col[j] - split.split));
+    inv_row.resize(rows);
+    inv_col.resize(cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      row[i] = static_cast<opmath_t>(std::exp(log_row[i] + split.split));
+      inv_row[i] = static_cast<opmath_t>(std::exp(-(log_row[i] + split.split)));
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      col[j] = static_cast<opmath_t>(std::exp(log_col[j] - split.split));
+      inv_col[j] = static_cast<opmath_t>(std::exp(split.split - log_col[j]));
+    }
   }
 };
 
@@ -169,13 +180,19 @@ void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scal
     int64_t j = j0;
     if constexpr (std::is_same_v<scalar_t, opmath_t>) {
       using V = Vectorized<opmath_t>;
-      const V vgo(go), vrs(rs);
+      using M = MathOps<V>;
+      const V vgo(go);
+      const V vir((kUpdate && !exact) ? kappa->inv_row[i] : opmath_t(0));
+      const V inv_eps(opmath_t(1) / h.eps);  // inf when eps == 0, like g / 0
+      const opmath_t* ics = (kUpdate && !exact) ? kappa->inv_col.data() : nullptr;
       for (; !exact && j + V::size() <= j1; j += V::size()) {
         const V wv = V::loadu(w + j);
         (V::loadu(y + j) + abs_pow(wv, kind, p) * vgo).store(y + j);
         if constexpr (kUpdate) {
           V bv = b ? V::loadu(b + j) : V(opmath_t(0));
-          path_sgd_element(wv, V::loadu(g + j), bv, vrs * V::loadu(cs + j), h).store(w + j);
+          V gv = V::loadu(g + j);
+          if (h.maximize) gv = V(opmath_t(0)) - gv;
+          sgd_apply(wv, gv * M::min_keep_nan(vir * V::loadu(ics + j), inv_eps), bv, h).store(w + j);
           if (b) bv.store(b + j);
         }
       }
