@@ -627,6 +627,13 @@ def test_complex_parameters():
         pathsgd.PathSGD(model, lr=0.1)
 
 
+def test_meta_device_parameters():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'0\.weight' is on the meta device"):
+        pathsgd.PathSGD([{"params": model.parameters()}], model=model, lr=0.1)
+
+
 def _bad_step(opt, model, make_bad, match, error=RuntimeError):
     """One good step (so there is momentum state), then a bad step: raises, changes nothing."""
     set_random_grads(model, seed=0)
