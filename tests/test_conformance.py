@@ -606,7 +606,7 @@ def test_grad_scaler_skips_step_on_non_finite_gradient(dtype, bad):
 # ----------------------------------------------------------------------------------------------------------------
 
 COMPILE_BACKENDS = ["eager", "aot_eager"]
-if os.environ.get("PATHSGD_TEST_INDUCTOR", "0") == "1":  # ~15-30 s of C++ compilation on 2 cores
+if os.environ.get("PATHSGD_TEST_INDUCTOR", "1") != "0":  # ~30 s of C++ compilation on 2 cores; =0 skips it
     COMPILE_BACKENDS.append("inductor")
 
 
@@ -636,6 +636,29 @@ def test_torch_compile_training_step_matches_eager(backend):
     finally:
         torch._dynamo.reset()
     assert all(s["momentum_buffer"].dtype == torch.float32 for s in compiled_opt.state.values())
+
+
+def test_compiled_step_is_one_graph():
+    """``opt.step()`` traces into a single graph: no graph break inside pathsgd (each break also costs a
+    recompile per parameter, and past torch._dynamo's recompile limit the step silently runs eagerly)."""
+    torch._dynamo.reset()
+    model = mlp((3, 8, 8, 2), dtype=torch.float32)
+    opt = pathsgd.PathSGD(model, lr=0.05, momentum=0.9, clamp=0.5)
+    x, y = data(16, dtype=torch.float32)
+    backward(model, x, y)
+    opt.step()  # momentum buffers exist: later steps take one code path
+
+    def step():
+        opt.step()
+
+    try:
+        explanation = torch._dynamo.explain(step)()
+    finally:
+        torch._dynamo.reset()
+    where = [f"{r.user_stack[-1].filename}:{r.user_stack[-1].lineno}" if r.user_stack else "?"
+             for r in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, (
+        f"{explanation.graph_break_count} graph breaks, first at {where[:3]}: {str(explanation.break_reasons[0].reason)[:300]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 @contextlib.contextmanager
 def reference_backend():
     """Every pathsgd op runs its twin in pathsgd.reference (the switch ops.py documents)."""
-    with mock.patch.object(ops, "has_kernel", lambda device_type: False), warnings.catch_warnings():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(ops, "has_kernel", lambda device_type: False))
+        if hasattr(ops, "_use_compiled"):  # the per-call switch, in case it stops asking has_kernel
+            stack.enter_context(mock.patch.object(ops, "_use_compiled", lambda tensor: False))
+        stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="pathsgd: using the pure-PyTorch reference backend")
         yield
 
