@@ -7,7 +7,6 @@ one-time warning that says why. ``PATHSGD_BACKEND=reference`` forces the twin.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import List, Optional, Tuple
@@ -69,17 +68,20 @@ def compiled_available() -> bool:
     return _UNAVAILABLE_REASON is None
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels_registered(device_type: str) -> bool:
-    # Registrations happen at import of pathsgd._C and never change afterwards: ask once.
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
 
 
+# Registrations happen at import of pathsgd._C and never change afterwards: ask once, and keep
+# a plain dict so torch.compile traces the step without graph breaks.
+_KERNELS = {device_type: compiled_available() and _kernels_registered(device_type) for device_type in ("cpu", "cuda")}
+
+
 def has_kernel(device_type: str) -> bool:
     """True when every op has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
-    return compiled_available() and _kernels_registered(device_type)
+    return _KERNELS.get(device_type, False)
 
 
 def backend_for(device_type: str) -> str:
