@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 
 #if defined(__CUDACC__)
 #define PATHSGD_HD __host__ __device__ __forceinline__
@@ -64,6 +65,29 @@ struct SgdParams {
   bool has_clamp_min = false;
   bool has_clamp_max = false;
 };
+
+// Packs the op arguments (host side, every backend); lr may be overridden by the
+// backend (a CPU tensor read on the host, a CUDA tensor read in the kernel).
+template <typename S>
+SgdParams<S> make_sgd_params(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                             bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
+                             std::optional<double> clamp_max) {
+  SgdParams<S> h;
+  h.lr = static_cast<S>(lr);
+  h.momentum = static_cast<S>(momentum);
+  h.dampening = static_cast<S>(dampening);
+  h.weight_decay = static_cast<S>(weight_decay);
+  h.eps = static_cast<S>(eps);
+  h.nesterov = nesterov;
+  h.maximize = maximize;
+  h.first_step = first_step;
+  h.has_momentum = momentum != 0.0;
+  h.has_clamp_min = clamp_min.has_value();
+  h.has_clamp_max = clamp_max.has_value();
+  h.clamp_min = static_cast<S>(clamp_min.value_or(0.0));
+  h.clamp_max = static_cast<S>(clamp_max.value_or(0.0));
+  return h;
+}
 
 // torch.optim.SGD's update of one element given the path-scaled gradient
 // g_tilde (already negated under maximize): weight decay, momentum (the first

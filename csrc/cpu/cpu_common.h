@@ -33,22 +33,9 @@ SgdParams<S> make_sgd_params(double lr, const std::optional<at::Tensor>& lr_tens
                              double dampening, double weight_decay, bool nesterov, bool maximize,
                              bool first_step, double eps, std::optional<double> clamp_min,
                              std::optional<double> clamp_max) {
-  SgdParams<S> h;
   // On CPU a tensor lr costs no device synchronization to read.
-  h.lr = static_cast<S>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr);
-  h.momentum = static_cast<S>(momentum);
-  h.dampening = static_cast<S>(dampening);
-  h.weight_decay = static_cast<S>(weight_decay);
-  h.eps = static_cast<S>(eps);
-  h.nesterov = nesterov;
-  h.maximize = maximize;
-  h.first_step = first_step;
-  h.has_momentum = momentum != 0.0;
-  h.has_clamp_min = clamp_min.has_value();
-  h.has_clamp_max = clamp_max.has_value();
-  h.clamp_min = static_cast<S>(clamp_min.value_or(0.0));
-  h.clamp_max = static_cast<S>(clamp_max.value_or(0.0));
-  return h;
+  return make_sgd_params<S>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr, momentum, dampening,
+                            weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max);
 }
 
 inline void check_log_scale(const at::Tensor& t, const char* name) {

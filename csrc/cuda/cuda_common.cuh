@@ -84,29 +84,6 @@ inline DeviceScalar lr_arg(double lr, const std::optional<at::Tensor>& lr_tensor
   return s;
 }
 
-// Same packing as the CPU side's make_sgd_params, except lr, which the kernels
-// take from a DeviceScalar (lr_tensor) and cast to opmath the same way.
-template <typename S>
-SgdParams<S> make_sgd_params(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                             bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
-                             std::optional<double> clamp_max) {
-  SgdParams<S> h;
-  h.lr = static_cast<S>(lr);
-  h.momentum = static_cast<S>(momentum);
-  h.dampening = static_cast<S>(dampening);
-  h.weight_decay = static_cast<S>(weight_decay);
-  h.eps = static_cast<S>(eps);
-  h.nesterov = nesterov;
-  h.maximize = maximize;
-  h.first_step = first_step;
-  h.has_momentum = momentum != 0.0;
-  h.has_clamp_min = clamp_min.has_value();
-  h.has_clamp_max = clamp_max.has_value();
-  h.clamp_min = static_cast<S>(clamp_min.value_or(0.0));
-  h.clamp_max = static_cast<S>(clamp_max.value_or(0.0));
-  return h;
-}
-
 template <typename S>
 __device__ __forceinline__ SgdParams<S> with_lr(SgdParams<S> h, const DeviceScalar& lr) {
   h.lr = static_cast<S>(lr.get());
