@@ -45,6 +45,10 @@ def _headline(results: Dict[str, Any]) -> List[str]:
         lines.append(f"- Step time, MLP {st['sizes']}, momentum {st['momentum']}, {st['device']}: PathSGD / torch SGD "
                      f"(foreach) = **{st['pathsgd_over_sgd_foreach']:.2f}x** (target <= {st['target_max']}: "
                      f"{'met' if st['ratio_target_met'] else 'NOT met'})")
+        for threads, rep in st.get("repeats", {}).items():
+            lines.append(f"  - the same ratio measured {st['repeats_count']} more times in this run (fresh models each "
+                         f"time), {threads} thread{'s' if threads != '1' else ''}: median {rep['median_ratio']:.2f}x, "
+                         f"range {rep['min_ratio']:.2f}x to {rep['max_ratio']:.2f}x")
         if "pathsgd_speedup_vs_naive" in st:
             lines.append(f"- PathSGD is **{st['pathsgd_speedup_vs_naive']:.1f}x** faster than the naive authors'-style "
                          f"implementation (target >= {st['speedup_target_min']}x: "
@@ -96,7 +100,14 @@ def write_report(results: Dict[str, Any], out: str) -> str:
                "diverged.", "",
                "Final test accuracy (mean ± std over seeds) and how far the balanced and unbalanced curves of the same "
                "seed are apart (largest difference over epochs of test error, and of training loss relative):", "",
-               convergence.markdown(cv), "", "![convergence](convergence.png)", "",
+               convergence.markdown(cv), ""]
+        differing = [row["label"] for row in cv["summary"] if row["optimizer"].startswith("pathsgd")
+                     and row["balanced"]["lr"] != row["unbalanced"]["lr"]]
+        if differing:
+            md += [f"Note: for {', '.join(differing)} the grid selected different learning rates for the two "
+                   "initializations (see the grid below), so part of the gap between its curves comes from the "
+                   "learning rate, not from the initialization.", ""]
+        md += ["![convergence](convergence.png)", "",
                "Learning-rate grid (final validation accuracy %, seed "
                f"{cv['grid_seed']}):", "", convergence.grid_markdown(cv)]
     if "step_time" in parts:

@@ -37,7 +37,8 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "default": {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10"], "momenta": [0.0, 0.9],
-                      "min_run_time": 0.2, "rounds": 5, "warmup": 3},
+                      "min_run_time": 0.2, "rounds": 5, "warmup": 3,
+                      "headline_repeats": 3},
         "scaling": {"widths": [256, 512, 1024, 2048, 4096], "min_run_time": 0.1, "rounds": 5, "warmup": 3},
         "memory": {"sizes": ["784-2048-2048-10", "3072-4000-4000-10"], "momenta": [0.0, 0.9],
                    "optimizers": ["sgd_forloop", "sgd_foreach", "pathsgd", "pathsgd_reference", "naive"],
@@ -46,7 +47,8 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "full": {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"],
-                      "momenta": [0.0, 0.9], "min_run_time": 0.5, "rounds": 5, "warmup": 5},
+                      "momenta": [0.0, 0.9], "min_run_time": 0.5, "rounds": 5, "warmup": 5,
+                      "headline_repeats": 3},
         "scaling": {"widths": [256, 512, 1024, 2048, 4096, 8192, 16384], "min_run_time": 0.5, "rounds": 3,
                     "warmup": 5},
         "memory": {"sizes": ["784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"], "momenta": [0.0, 0.9],
@@ -138,7 +140,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
             from . import step_time
             with tqdm(total=len(c["sizes"]) * len(c["momenta"]), desc="step time", unit="config") as bar:
                 r = step_time.run(c["sizes"], c["momenta"], device, c["min_run_time"], c["rounds"], c["warmup"],
-                                  progress=bar)
+                                  progress=bar, headline_repeats=c.get("headline_repeats", 0))
             step_time.plot(r, os.path.join(out, "step_time.png"))
             print(step_time.text(r), file=sys.stderr)
         elif part == "scaling":

@@ -89,32 +89,48 @@ SgdParams<S> make_sgd_params(double lr, double momentum, double dampening, doubl
   return h;
 }
 
+// Which of torch.optim.SGD's optional terms an update checks for. kAll reads every
+// flag at run time. kPlain / kPlainMomentum are the usual training configurations
+// (no weight decay, nesterov, maximize, clamp, and not the buffer-initializing first
+// step; without / with momentum) with those terms removed at compile time, so a CPU
+// inner loop carries no per-vector branches. Every variant computes the same formula.
+enum class SgdVariant : int { kAll = 0, kPlain = 1, kPlainMomentum = 2 };
+
+template <typename S>
+inline SgdVariant sgd_variant(const SgdParams<S>& h) {
+  const bool plain = h.weight_decay == S(0) && !h.nesterov && !h.maximize && !h.first_step && !h.has_clamp_min &&
+                     !h.has_clamp_max;
+  if (!plain) return SgdVariant::kAll;
+  return h.has_momentum ? SgdVariant::kPlainMomentum : SgdVariant::kPlain;
+}
+
 // torch.optim.SGD's update of one element given the path-scaled gradient
 // g_tilde (already negated under maximize): weight decay, momentum (the first
 // step sets the buffer to g_tilde), lr, then the optional clamp. Returns the new
 // weight and updates `buf` in place when momentum is on.
-template <typename T, typename S>
+template <SgdVariant kV = SgdVariant::kAll, typename T, typename S>
 PATHSGD_HD T sgd_apply(T w, T d, T& buf, const SgdParams<S>& h) {
   using M = MathOps<T>;
-  if (h.weight_decay != S(0)) d = d + T(h.weight_decay) * w;
-  if (h.has_momentum) {
-    buf = h.first_step ? d : T(h.momentum) * buf + T(S(1) - h.dampening) * d;
-    d = h.nesterov ? d + T(h.momentum) * buf : buf;
+  constexpr bool kAll = kV == SgdVariant::kAll;
+  if (kAll && h.weight_decay != S(0)) d = d + T(h.weight_decay) * w;
+  if (kV == SgdVariant::kPlainMomentum || (kAll && h.has_momentum)) {
+    buf = (kAll && h.first_step) ? d : T(h.momentum) * buf + T(S(1) - h.dampening) * d;
+    d = (kAll && h.nesterov) ? d + T(h.momentum) * buf : buf;
   }
   w = w - T(h.lr) * d;
-  if (h.has_clamp_min) w = M::max_keep_nan(w, T(h.clamp_min));
-  if (h.has_clamp_max) w = M::min_keep_nan(w, T(h.clamp_max));
+  if (kAll && h.has_clamp_min) w = M::max_keep_nan(w, T(h.clamp_min));
+  if (kAll && h.has_clamp_max) w = M::min_keep_nan(w, T(h.clamp_max));
   return w;
 }
 
 // One Path-SGD element update: the exact torch.optim.SGD update applied to
 //   g_tilde = g / max(kappa^(2/p), eps)
 // followed by the optional clamp. `kappa_pow` is kappa^(2/p).
-template <typename T, typename S>
+template <SgdVariant kV = SgdVariant::kAll, typename T, typename S>
 PATHSGD_HD T path_sgd_element(T w, T g, T& buf, T kappa_pow, const SgdParams<S>& h) {
   using M = MathOps<T>;
-  if (h.maximize) g = T(S(0)) - g;
-  return sgd_apply(w, g / M::max_keep_nan(kappa_pow, T(h.eps)), buf, h);
+  if (kV == SgdVariant::kAll && h.maximize) g = T(S(0)) - g;
+  return sgd_apply<kV>(w, g / M::max_keep_nan(kappa_pow, T(h.eps)), buf, h);
 }
 
 // kappa_ij^(2/p) = exp(log_row_i + log_col_j) is applied as row_i * col_j with

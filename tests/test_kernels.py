@@ -255,7 +255,8 @@ def test_gamma_forward_checks_inputs(bad):
 @pytest.mark.parametrize("hyper", HYPER_GRID, ids=_hid)
 def test_fused_all_hyper_parameters(hyper):
     for dtype, p in itertools.product([torch.float32, torch.float64], [1, 2, 3]):
-        case = dense_case(17, 5, dtype, seed=len(_hid(hyper)) + p)
+        # 21 columns: full SIMD vectors and a scalar tail for float32 and float64.
+        case = dense_case(17, 21, dtype, seed=len(_hid(hyper)) + p)
         w_k, b_k, _, _ = assert_fused_match(case, p, hyper)
         # The kernel against SGD written out here with kappa_ij = gamma_out_i gamma_in_j in float64.
         kappa = torch.outer(case["gamma_out"].double(), case["gamma_in"].double())
@@ -389,6 +390,28 @@ def test_fused_zero_gamma_uses_eps():
             hyper = dict(HYPER_DEFAULT, eps=eps)
             w, b, _, _ = assert_fused_match(case, 2, hyper)
             assert torch.isfinite(w).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_plain_sgd_eps_bound_on_some_rows(dtype, p, momentum):
+    """The branch-free variants (no weight decay, nesterov, maximize, clamp) check the eps
+    bound per row: rows whose kappa falls below eps must be bounded, the others not."""
+    case = dense_case(9, 37, dtype, seed=int(10 * momentum) + p)
+    case["gamma_in"] = torch.linspace(0.5, 1.5, 37, dtype=case["gamma_in"].dtype)
+    case["gamma_out"][[0, 2]] = 1.0   # kappa^(2/p) of these rows > eps = 1e-3
+    case["gamma_out"][[1, 4]] = 1e-6  # and of these < eps
+    case["gamma_out"][6] = 0.0        # a dead unit
+    hyper = dict(HYPER_DEFAULT, weight_decay=0.0, momentum=momentum, eps=1e-3)
+    w_k, b_k, _, _ = assert_fused_match(case, p, hyper)
+    kappa = torch.outer(case["gamma_out"].double(), case["gamma_in"].double())
+    assert (kappa.pow(2.0 / p)[[1, 4, 6]] < 1e-3).all() and (kappa.pow(2.0 / p)[[0, 2]] > 1e-3).all()
+    w_e, b_e = expected_sgd(case["weight"], case["grad"], case["buffer"], kappa.pow(2.0 / p), hyper)
+    tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w_k.double(), w_e, **tol)
+    if momentum:
+        torch.testing.assert_close(b_k.double(), b_e, **tol)
 
 
 def test_fused_checks_inputs():

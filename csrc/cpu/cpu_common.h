@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "../path_sgd_math.h"
 
@@ -36,6 +37,26 @@ SgdParams<S> make_sgd_params(double lr, const std::optional<at::Tensor>& lr_tens
   // On CPU a tensor lr costs no device synchronization to read.
   return make_sgd_params<S>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr, momentum, dampening,
                             weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max);
+}
+
+// Calls fn with the PowKind of p as a compile-time constant.
+template <typename Fn>
+void dispatch_pow_kind(PowKind kind, Fn&& fn) {
+  switch (kind) {
+    case PowKind::kSquare: return fn(std::integral_constant<PowKind, PowKind::kSquare>{});
+    case PowKind::kAbs: return fn(std::integral_constant<PowKind, PowKind::kAbs>{});
+    default: return fn(std::integral_constant<PowKind, PowKind::kGeneral>{});
+  }
+}
+
+// Calls fn with the SgdVariant of h as a compile-time constant.
+template <typename S, typename Fn>
+void dispatch_sgd_variant(const SgdParams<S>& h, Fn&& fn) {
+  switch (sgd_variant(h)) {
+    case SgdVariant::kPlain: return fn(std::integral_constant<SgdVariant, SgdVariant::kPlain>{});
+    case SgdVariant::kPlainMomentum: return fn(std::integral_constant<SgdVariant, SgdVariant::kPlainMomentum>{});
+    default: return fn(std::integral_constant<SgdVariant, SgdVariant::kAll>{});
+  }
 }
 
 inline void check_log_scale(const at::Tensor& t, const char* name) {

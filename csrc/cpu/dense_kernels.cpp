@@ -39,7 +39,7 @@ double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const doub
   return t;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, PowKind kind>
 void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, const at::Tensor& gamma_in,
                           double in_log_scale, double p, at::Tensor& out, double& out_log_scale) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -47,7 +47,6 @@ void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, cons
   const scalar_t* W = weight.const_data_ptr<scalar_t>();
   const opmath_t* x = gamma_in.const_data_ptr<opmath_t>();
   opmath_t* y = out.mutable_data_ptr<opmath_t>();
-  const PowKind kind = pow_kind(p);
   const opmath_t pp = static_cast<opmath_t>(p);
   // Row-parallel dot products: each row is reduced by one thread in a fixed
   // order, so the result does not depend on the number of threads.
@@ -106,8 +105,10 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, c
   at::Tensor out = at::empty({weight.size(0)}, gamma_in.options());
   double out_log_scale = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gamma_forward_cpu", [&] {
-    gamma_forward_kernel<scalar_t>(w, bias.has_value() ? &*bias : nullptr, x, gamma_in_log_scale.item<double>(), p,
-                                   out, out_log_scale);
+    dispatch_pow_kind(pow_kind(p), [&](auto kind) {
+      gamma_forward_kernel<scalar_t, kind.value>(w, bias.has_value() ? &*bias : nullptr, x,
+                                                 gamma_in_log_scale.item<double>(), p, out, out_log_scale);
+    });
   });
   return {out, at::scalar_tensor(out_log_scale, gamma_in_log_scale.options())};
 }
@@ -159,16 +160,24 @@ struct KappaPowFactors {
 
 // One column block [j0, j1) of the fused pass, walking all rows in order so each
 // column of gamma_out_prev is summed in a fixed order whatever the thread count.
-template <typename scalar_t, bool kUpdate>
+// kKind and kV are compile-time so the inner loop has no per-vector branches.
+template <typename scalar_t, bool kUpdate, PowKind kKind, SgdVariant kV>
 void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
                         scalar_t* B, const at::opmath_type<scalar_t>* gout,
                         const KappaPowFactors<at::opmath_type<scalar_t>>* kappa, at::opmath_type<scalar_t>* y,
-                        PowKind kind, at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
+                        at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
   using opmath_t = at::opmath_type<scalar_t>;
   // A local copy: stores through W could alias the fields of h_in, which would force
   // the compiler to reload every hyper-parameter for every vector.
   const SgdParams<opmath_t> h = h_in;
   const bool exact = kUpdate && kappa->exact;
+  const opmath_t inv_eps_s = opmath_t(1) / h.eps;  // inf when eps == 0, like g / 0
+  // Largest 1/col factor of the block: rows where inv_row * max_inv_col <= 1/eps
+  // never reach the eps bound and skip that min.
+  opmath_t max_inv_col = opmath_t(0);
+  if (kUpdate && !exact) {
+    for (int64_t j = j0; j < j1; ++j) max_inv_col = std::max(max_inv_col, kappa->inv_col[j]);
+  }
   for (int64_t j = j0; j < j1; ++j) y[j] = opmath_t(0);
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* w = W + i * cols;
@@ -182,28 +191,33 @@ void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scal
       using V = Vectorized<opmath_t>;
       using M = MathOps<V>;
       const V vgo(go);
-      const V vir((kUpdate && !exact) ? kappa->inv_row[i] : opmath_t(0));
-      const V inv_eps(opmath_t(1) / h.eps);  // inf when eps == 0, like g / 0
+      const opmath_t ir = (kUpdate && !exact) ? kappa->inv_row[i] : opmath_t(0);
+      const V vir(ir);
+      const V inv_eps(inv_eps_s);
+      // NaN-safe: a NaN product fails the test and takes the min path.
+      const bool bounded = kUpdate && !exact && ir * max_inv_col <= inv_eps_s;
       const opmath_t* ics = (kUpdate && !exact) ? kappa->inv_col.data() : nullptr;
       for (; !exact && j + V::size() <= j1; j += V::size()) {
         const V wv = V::loadu(w + j);
-        (V::loadu(y + j) + abs_pow(wv, kind, p) * vgo).store(y + j);
+        (V::loadu(y + j) + abs_pow(wv, kKind, p) * vgo).store(y + j);
         if constexpr (kUpdate) {
-          V bv = b ? V::loadu(b + j) : V(opmath_t(0));
+          V bv = (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && b)) ? V::loadu(b + j)
+                                                                                     : V(opmath_t(0));
           V gv = V::loadu(g + j);
-          if (h.maximize) gv = V(opmath_t(0)) - gv;
-          sgd_apply(wv, gv * M::min_keep_nan(vir * V::loadu(ics + j), inv_eps), bv, h).store(w + j);
-          if (b) bv.store(b + j);
+          if (kV == SgdVariant::kAll && h.maximize) gv = V(opmath_t(0)) - gv;
+          const V scale = vir * V::loadu(ics + j);
+          sgd_apply<kV>(wv, gv * (bounded ? scale : M::min_keep_nan(scale, inv_eps)), bv, h).store(w + j);
+          if (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && b)) bv.store(b + j);
         }
       }
     }
     for (; j < j1; ++j) {
       const opmath_t wv = static_cast<opmath_t>(w[j]);
-      y[j] += abs_pow(wv, kind, p) * go;
+      y[j] += abs_pow(wv, kKind, p) * go;
       if constexpr (kUpdate) {
         const opmath_t kp = exact ? static_cast<opmath_t>(std::exp(kappa->log_row[i] + kappa->log_col[j])) : rs * cs[j];
         opmath_t bv = b ? static_cast<opmath_t>(b[j]) : opmath_t(0);
-        w[j] = static_cast<scalar_t>(path_sgd_element(wv, static_cast<opmath_t>(g[j]), bv, kp, h));
+        w[j] = static_cast<scalar_t>(path_sgd_element<kV>(wv, static_cast<opmath_t>(g[j]), bv, kp, h));
         if (b) b[j] = static_cast<scalar_t>(bv);
       }
     }
@@ -260,16 +274,19 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
       const scalar_t* G = update ? g.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* B = use_buffer ? momentum_buffer->mutable_data_ptr<scalar_t>() : nullptr;
       opmath_t* Y = y.mutable_data_ptr<opmath_t>();
-      const PowKind kind = pow_kind(p);
       const opmath_t pp = static_cast<opmath_t>(p);
-      // Column blocks: each thread owns whole columns, so there is no cross-thread reduction.
+      // Column blocks: each thread owns whole columns, so there is no cross-thread
+      // reduction (row blocks with per-block partial sums measured slower on CPU).
       const int64_t grain = std::max<int64_t>(64, kElementGrain / std::max<int64_t>(rows, 1));
-      at::parallel_for(0, cols, grain, [&](int64_t j0, int64_t j1) {
-        if (update) {
-          dense_column_block<scalar_t, true>(rows, cols, j0, j1, W, G, B, go, &*kappa, Y, kind, pp, h);
-        } else {
-          dense_column_block<scalar_t, false>(rows, cols, j0, j1, W, G, B, go, nullptr, Y, kind, pp, h);
-        }
+      dispatch_pow_kind(pow_kind(p), [&](auto kind) {
+        const auto run = [&](auto update_tag, auto variant) {
+          at::parallel_for(0, cols, grain, [&](int64_t j0, int64_t j1) {
+            dense_column_block<scalar_t, decltype(update_tag)::value, kind.value, variant.value>(
+                rows, cols, j0, j1, W, G, B, go, update ? &*kappa : nullptr, Y, pp, h);
+          });
+        };
+        if (!update) return run(std::false_type{}, std::integral_constant<SgdVariant, SgdVariant::kAll>{});
+        dispatch_sgd_variant(h, [&](auto variant) { run(std::true_type{}, variant); });
       });
       out_log_scale = normalize_log_scaled(Y, cols, gamma_out_log_scale.item<double>(), static_cast<const double*>(nullptr));
     });
