@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
@@ -220,6 +220,8 @@ class AbsNetResult:
         self.kappas: Dict[str, Tensor] = {}                 # materialized kappa per parameter name
         # fused Linear name -> (gamma_in, gamma_in log scale, gamma_out, gamma_out log scale), opmath vectors
         self.dense_gammas: Dict[str, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.head_input: Optional[Tensor] = None             # evaluation stopped at a dense head: its input
+        self.backward_args: Tuple = ()
 
 
 class GeneralGraph:
@@ -235,6 +237,7 @@ class GeneralGraph:
         self._validate()
         self.input_shape = self._resolve_input_shape(input_shape)
         self._check_with_input_shape()
+        self.head, self.head_input = self._find_dense_head()
 
     # ---- structure -------------------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -361,6 +364,34 @@ class GeneralGraph:
         return [n for n, m in self.weighted.items()
                 if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
 
+    def _find_dense_head(self) -> Tuple[Optional["DenseChain"], Optional[torch.fx.Node]]:
+        """The chain of Linear layers that ends the model (a conv trunk's classifier), and the
+        node feeding it. The optimizer runs such a head through the dense-chain kernels (the
+        fused update pass yields the gamma_out at its input, which then seeds the trunk's
+        backward), so its weights are read once less and no autograd Function is needed.
+        ``(None, None)`` unless the model output is that chain, each node of it used once."""
+        from .graph import DenseChain, DenseLayer
+
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        node, layers = out.args[0], []
+        fusable = set(self.fusable_linears())
+        while isinstance(node, torch.fx.Node) and len(node.users) == 1:
+            tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            if node.op == "call_module" and node.target in fusable:
+                layers.append(DenseLayer(node.target, self.modules[node.target]))
+            elif not ((node.op == "call_module" and isinstance(self.modules[node.target], _IDENTITY_MODULES))
+                      or (node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS)
+                      or (node.op == "call_method" and node.target in _IDENTITY_METHODS)):
+                break
+            if len(tensor_args) != 1:
+                break
+            node = tensor_args[0]
+        # The head's input must feed nothing else (its gamma_out is the head's alone) and come
+        # from the trunk: a model that is all head is a DenseChain already.
+        if not layers or not isinstance(node, torch.fx.Node) or len(node.users) != 1 or node.op == "placeholder":
+            return None, None
+        return DenseChain(layers[::-1], self.prefix), node
+
     def check_mode(self, optimized: Set[int]) -> None:
         """BatchNorm must be in eval mode and not optimized, at every step."""
         for name, m in self.batchnorms.items():
@@ -383,8 +414,21 @@ class GeneralGraph:
         with torch.set_grad_enabled(need_grads or differentiable):
             return self._evaluate(p, fused, differentiable, need_grads, record_ranks)
 
+    def trunk_kappas(self, p: float, fused: frozenset,
+                     head_gamma: Callable[[Tensor], Tensor]) -> AbsNetResult:
+        """Path scales of the trunk of a model that ends in a dense head (``self.head``): the
+        abs-pow network runs up to the head's input x; ``head_gamma(x)`` returns the gamma_out
+        there (``d phi_p^p / d x``, from the head's fused passes), which seeds the backward."""
+        with torch.enable_grad():
+            result = self._evaluate(p, fused, False, True, False, stop=self.head_input)
+            x = result.head_input
+            with torch.no_grad():  # the head's passes update parameters in place
+                gamma_out = head_gamma(x.detach()).reshape(x.shape)
+            self._backward(result, x, gamma_out, *result.backward_args)
+        return result
+
     def _evaluate(self, p: float, fused: frozenset, differentiable: bool, need_grads: bool,
-                  record_ranks: bool) -> AbsNetResult:
+                  record_ranks: bool, stop: Optional[torch.fx.Node] = None) -> AbsNetResult:
         first = next(iter(self.weighted.values())).weight
         device = first.device
         result = AbsNetResult()
@@ -448,19 +492,32 @@ class GeneralGraph:
                 env[node] = self._call_function(node, val, p)
             elif node.op == "call_method":
                 env[node] = self._call_method(node, val, p)
-        total = sum(o.sum() for o in out_nodes)
-        result.total = total
+            if node is stop:
+                # The caller seeds the backward with the head's gamma_out (trunk_kappas).
+                result.head_input = env[node]
+                result.backward_args = (leaves, dense_inputs, records)
+                return result
+        result.total = sum(o.sum() for o in out_nodes)
         if need_grads and not differentiable:
-            grad_leaves = {n: t for n, t in leaves.items() if t.requires_grad}
-            grads = torch.autograd.grad(total, list(grad_leaves.values()) + dense_inputs, allow_unused=True)
-            for (name, t), g in zip(grad_leaves.items(), grads):
-                result.kappas[name] = g if g is not None else torch.zeros_like(t)
-            for name, record in records.items():
-                record.setdefault("gamma_out", (torch.zeros(self.weighted[name].out_features,
-                                                            dtype=record["gamma_in"][0].dtype, device=device),
-                                                torch.zeros((), dtype=torch.float64, device=device)))
-                result.dense_gammas[name] = (*record["gamma_in"], *record["gamma_out"])
+            self._backward(result, result.total, None, leaves, dense_inputs, records)
         return result
+
+    def _backward(self, result: AbsNetResult, output: Tensor, grad_output: Optional[Tensor],
+                  leaves: Dict[str, Tensor], dense_inputs: List[Tensor], records: Dict[str, Dict[str, Any]]) -> None:
+        """kappa of every leaf (d output / d |w|^p, seeded with ``grad_output``) and the gamma
+        pairs of the fused Linear layers, into ``result``."""
+        grad_leaves = {n: t for n, t in leaves.items() if t.requires_grad}
+        inputs = list(grad_leaves.values()) + dense_inputs
+        grads = torch.autograd.grad(output, inputs, grad_outputs=grad_output, allow_unused=True) \
+            if inputs and output.requires_grad else [None] * len(inputs)
+        for (name, t), g in zip(grad_leaves.items(), grads):
+            result.kappas[name] = g if g is not None else torch.zeros_like(t)
+        for name, record in records.items():
+            device = record["gamma_in"][0].device
+            record.setdefault("gamma_out", (torch.zeros(self.weighted[name].out_features,
+                                                        dtype=record["gamma_in"][0].dtype, device=device),
+                                            torch.zeros((), dtype=torch.float64, device=device)))
+            result.dense_gammas[name] = (*record["gamma_in"], *record["gamma_out"])
 
     @staticmethod
     def _batchnorm(m: nn.Module, x: Tensor, p: float) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from .dag import GeneralGraph
+from .dag import GeneralGraph, to_log_scaled
 from .graph import DenseChain, build_path_graph
 from .reference import opmath_dtype
 from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
@@ -155,14 +155,17 @@ class PathSGD(Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
-                name = self.param_name(param)
+                # Checked on every step, so the parameter's name is looked up only for an error.
                 if grad.is_sparse:
-                    raise RuntimeError(f"PathSGD does not support sparse gradients (parameter '{name}')")
+                    raise RuntimeError(f"PathSGD does not support sparse gradients (parameter "
+                                       f"'{self.param_name(param)}')")
                 if grad.is_complex() or param.is_complex():
-                    raise RuntimeError(f"PathSGD does not support complex parameters or gradients ('{name}')")
+                    raise RuntimeError(f"PathSGD does not support complex parameters or gradients "
+                                       f"('{self.param_name(param)}')")
                 if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
-                    raise RuntimeError(f"gradient of '{name}' ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) does "
-                                       f"not match the parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
+                    raise RuntimeError(f"gradient of '{self.param_name(param)}' ({tuple(grad.shape)}, {grad.dtype}, "
+                                       f"{grad.device}) does not match the parameter ({tuple(param.shape)}, "
+                                       f"{param.dtype}, {param.device})")
                 buffer = self.state[param].get("momentum_buffer") if param in self.state and group["momentum"] != 0 else None
                 updates[param] = ParamUpdate(param, grad, group, buffer)
         if updates and self.check_finite:
@@ -228,9 +231,14 @@ def _on(gamma: LogScaled, weight: Tensor) -> LogScaled:
     return v.to(device=weight.device, dtype=opmath_dtype(weight.dtype)), s.to(weight.device)
 
 
-def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> None:
-    ps = sorted({u.p for u in updates.values()})
-    gamma_in = {p: chain_gamma_in(chain, p, lambda w, b, v, s, p_: ops.gamma_forward(w, b, *_on((v, s), w), p_))
+def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
+                      gamma0: Optional[Dict[float, LogScaled]] = None) -> Dict[float, LogScaled]:
+    """Fused Path-SGD step of a dense chain. ``gamma0`` (per p) is the chain's input gamma when
+    the chain is the head of a larger model; then the returned gamma_out at the chain input (per
+    p, from the old weights) is what the rest of the model needs."""
+    ps = sorted({u.p for u in updates.values()} | set(gamma0 or ()))
+    gamma_in = {p: chain_gamma_in(chain, p, lambda w, b, v, s, p_: ops.gamma_forward(w, b, *_on((v, s), w), p_),
+                                  gamma0=gamma0[p] if gamma0 else None)
                 for p in ps}
     last = chain.layers[-1].weight
     gamma_out = {p: unit_gamma(last.shape[0], opmath_dtype(last.dtype), last.device) for p in ps}
@@ -248,14 +256,15 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate]) -> 
         order = sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
         for p in order:
             update = weight_update if weight_update is not None and weight_update.p == p else None
-            if update is None and index == 0:
-                continue
+            if update is None and index == 0 and gamma0 is None:
+                continue  # nobody needs the gamma at the model input
             buffer = update.prepare_buffer() if update is not None else None
             hyper = update.hyper() if update is not None else _READ_ONLY_HYPER
             gamma_out[p] = ops.fused_dense_step_(
                 layer.weight, update.grad if update is not None else None, buffer,
                 *_on(gamma_in[p][index], layer.weight), *_on(gamma_out[p], layer.weight), **{**hyper, "p": float(p)})
     _apply_batches(bias_batches)
+    return gamma_out
 
 
 _READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
@@ -263,15 +272,44 @@ _READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay
 
 
 def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
-    fusable = graph.fusable_linears()
-    results = {}
+    ps = sorted({u.p for u in updates.values()})
+    head_names = {layer.name for layer in graph.head.layers} if graph.head is not None else set()
+    fusable = [n for n in graph.fusable_linears() if n not in head_names]
+
+    def fused_for(p: float) -> frozenset:
+        return frozenset(n for n in fusable if updates.get(graph.weighted[n].weight) is not None
+                         and updates[graph.weighted[n].weight].p == p)
+
+    if graph.head is not None and len(ps) == 1:
+        # Dense head (e.g. a CNN's classifier): its fused update passes run inside the
+        # evaluation and hand the gamma_out at the head's input to the trunk's backward.
+        p = ps[0]
+
+        def head_gamma(x: Tensor) -> Tensor:
+            v, s = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
+            gv, gs = _dense_chain_step(graph.head, updates, gamma0={p: (v, s)})[p]
+            return gv.to(x.device, torch.float64) * gs.to(x.device).exp()
+
+        fused = fused_for(p)
+        _apply_graph_results(graph, updates, {p: (graph.trunk_kappas(p, fused, head_gamma), fused)}, head_names)
+        return
     # Every abs-pow evaluation reads the old weights, so all of them run before any update.
-    for p in sorted({u.p for u in updates.values()}):
-        fused = frozenset(n for n in fusable if updates.get(graph.weighted[n].weight) is not None
-                          and updates[graph.weighted[n].weight].p == p)
+    results = {}
+    for p in ps:
+        fused = fused_for(p) | frozenset(n for n in head_names if updates.get(graph.weighted[n].weight) is not None
+                                         and updates[graph.weighted[n].weight].p == p)
         results[p] = (graph.evaluate(p, fused), fused)
+    _apply_graph_results(graph, updates, results, set())
+
+
+def _apply_graph_results(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate],
+                         results: Dict[float, Tuple[Any, frozenset]], skip: set) -> None:
+    """The updates of a general graph's parameters (modules in ``skip`` are done already):
+    fused Linear layers through the dense kernel, the rest through one multi-tensor update."""
     batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
     for module_name, module in graph.weighted.items():
+        if module_name in skip:
+            continue
         for kind in ("weight", "bias"):
             param = getattr(module, kind)
             update = updates.get(param) if param is not None else None

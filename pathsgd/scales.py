@@ -36,15 +36,16 @@ def unit_gamma(n: int, dtype: torch.dtype, device: torch.device) -> LogScaled:
 
 
 def chain_gamma_in(chain: DenseChain, p: float, gamma_forward: Callable = reference.gamma_forward,
-                   dtype: Optional[torch.dtype] = None) -> List[LogScaled]:
+                   dtype: Optional[torch.dtype] = None, gamma0: Optional[LogScaled] = None) -> List[LogScaled]:
     """``[gamma_in(0), ..., gamma_in(L)]``: the input gamma of every layer, then the output gamma.
 
     ``dtype`` casts the weights first (float64 for exact scales); by default the
-    vectors are in the parameters' opmath dtype.
+    vectors are in the parameters' opmath dtype. ``gamma0`` is the chain's input gamma
+    (default: all ones, the chain starts at the model input).
     """
     first = chain.layers[0].weight
     vec_dtype = dtype or reference.opmath_dtype(first.dtype)
-    gammas = [unit_gamma(first.shape[1], vec_dtype, first.device)]
+    gammas = [gamma0 if gamma0 is not None else unit_gamma(first.shape[1], vec_dtype, first.device)]
     for layer in chain.layers:
         weight, bias = layer.weight, layer.bias
         if dtype is not None:

@@ -910,6 +910,37 @@ def test_fused_linear_with_different_p_groups():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("subset", ["all", "trunk", "head", "head-bias", "one-conv-weight"])
+@pytest.mark.parametrize("cls,head", [(ResidualNet, ["fc"]), (DenseDAGNet, ["fc3"]), (BatchNormNet, ["fc2"])],
+                         ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_dense_head_step_with_partial_parameters(cls, head, subset):
+    """A model ending in Linear layers (a conv trunk's classifier) takes the dense-head path: the
+    head's fused passes seed the trunk's backward. Whatever subset is optimized, every kappa
+    comes from the old weights (oracle) and parameters outside the subset stay unchanged."""
+    model = make_net(cls, seed=14)
+    twin = copy.deepcopy(model)
+    named = path_params(model)
+    head_params = [n for n in named if n.split(".")[0] in head]
+    chosen = {"all": list(named), "trunk": [n for n in named if n not in head_params], "head": head_params,
+              "head-bias": [n for n in head_params if n.endswith("bias")],
+              "one-conv-weight": [next(n for n in named if n not in head_params and n.endswith("weight"))]}[subset]
+    opt = pathsgd.PathSGD([named[n] for n in chosen], lr=0.05, momentum=0.0, model=model,
+                          input_shape=cls.input_shape)
+    assert [layer.name for layer in opt.graph.head.layers] == head
+    x, y = _random_batch(cls, torch.Generator().manual_seed(15))
+    _set_loss_grads(model, x, y)
+    _set_loss_grads(twin, x, y)
+    opt.step()
+    _, kappa = unrolled_of(twin).scales(2)
+    with torch.no_grad():
+        for name in chosen:
+            t = path_params(twin)[name]
+            t.sub_(0.05 * t.grad / kappa[name].clamp_min(1e-12))
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    assert all(not torch.equal(named[n], dict(make_net(cls, seed=14).named_parameters())[n]) for n in chosen)
+
+
 # ================================================================================================================
 # 4. Unsupported models: a ValueError naming the module and why; nothing changes
 # ================================================================================================================
