@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import abs_pow, opmath_dtype
+from .reference import abs_pow, abs_pow_list, opmath_dtype
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED = (nn.Linear,) + _CONV
@@ -175,9 +175,9 @@ def _function_pool_args(node: torch.fx.Node) -> Tuple[str, int, Dict[str, Any]]:
 
 
 def to_log_scaled(gamma: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """A float64 gamma vector as a (normalized ``dtype`` vector, float64 log scale) pair."""
-    peak = gamma.amax()
-    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    """A non-negative float64 gamma vector as a (normalized ``dtype`` vector, float64 log
+    scale) pair; an all-zero vector stays zero (the clamp only avoids 0/0)."""
+    scale = gamma.amax().clamp_min(torch.finfo(torch.float64).tiny)
     return (gamma / scale).to(dtype), scale.log()
 
 
@@ -234,10 +234,14 @@ class GeneralGraph:
         self.prefix = prefix
         self.modules = dict(gm.named_modules())
         self._linear_input_rank: Dict[str, int] = {}
+        self._param_names: Dict[Tuple[str, str], str] = {}
         self._validate()
         self.input_shape = self._resolve_input_shape(input_shape)
         self._check_with_input_shape()
+        self._fusable = [n for n, m in self.weighted.items()
+                         if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
         self.head, self.head_input = self._find_dense_head()
+        self._head_names = frozenset(layer.name for layer in self.head.layers) if self.head is not None else frozenset()
 
     # ---- structure -------------------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -348,8 +352,11 @@ class GeneralGraph:
                              f"{type(self.model).__name__}: {exc}") from exc
 
     def param_name(self, module_name: str, param: str) -> str:
-        from .graph import parameter_name
-        return parameter_name(module_name, param, self.prefix)
+        name = self._param_names.get((module_name, param))
+        if name is None:  # computed once: the step looks names up for every parameter
+            from .graph import parameter_name
+            name = self._param_names[(module_name, param)] = parameter_name(module_name, param, self.prefix)
+        return name
 
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         named = {}
@@ -361,8 +368,7 @@ class GeneralGraph:
 
     def fusable_linears(self) -> List[str]:
         """Linear modules called once: their kappa is rank-1 and takes the fused dense kernel."""
-        return [n for n, m in self.weighted.items()
-                if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
+        return list(self._fusable)
 
     def _find_dense_head(self) -> Tuple[Optional["DenseChain"], Optional[torch.fx.Node]]:
         """The chain of Linear layers that ends the model (a conv trunk's classifier), and the
@@ -445,6 +451,9 @@ class GeneralGraph:
             leaves[name] = v
             return v
 
+        if need_grads and not differentiable:
+            self._abs_pow_leaves(leaves, p, fused, device, self._head_names if stop is not None else frozenset())
+
         env: Dict[torch.fx.Node, Any] = {}
 
         def val(x: Any) -> Any:
@@ -501,6 +510,27 @@ class GeneralGraph:
         if need_grads and not differentiable:
             self._backward(result, result.total, None, leaves, dense_inputs, records)
         return result
+
+    def _abs_pow_leaves(self, leaves: Dict[str, Tensor], p: float, fused: frozenset, device: torch.device,
+                        skip: frozenset) -> None:
+        """``|w|^p`` in float64 of every parameter the evaluation reads as a tensor (not the
+        weights of ``fused`` layers nor the modules in ``skip``), as autograd leaves, in one batch."""
+        names, tensors = [], []
+        for name, m in self.weighted.items():
+            if name in skip:
+                continue
+            if name not in fused:
+                names.append(self.param_name(name, "weight"))
+                tensors.append(m.weight)
+            if m.bias is not None:
+                names.append(self.param_name(name, "bias"))
+                tensors.append(m.bias)
+        if not tensors:
+            return
+        with torch.no_grad():
+            values = abs_pow_list([t.to(device=device, dtype=torch.float64) for t in tensors], p)
+        for name, v in zip(names, values):
+            leaves[name] = v.requires_grad_(True)
 
     def _backward(self, result: AbsNetResult, output: Tensor, grad_output: Optional[Tensor],
                   leaves: Dict[str, Tensor], dense_inputs: List[Tensor], records: Dict[str, Dict[str, Any]]) -> None:

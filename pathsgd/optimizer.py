@@ -187,7 +187,7 @@ class PathSGD(Optimizer):
         if updates:
             path_sgd(self.graph, updates)
             for update in updates.values():
-                if update.group["momentum"] != 0:
+                if update.first_step:  # later steps update the stored buffer in place
                     self.state[update.param]["momentum_buffer"] = update.buffer
         return loss
 
@@ -228,21 +228,30 @@ class ParamUpdate:
 def _on(gamma: LogScaled, weight: Tensor) -> LogScaled:
     """A gamma pair in the opmath dtype and on the device of ``weight`` (layers may differ)."""
     v, s = gamma
-    return v.to(device=weight.device, dtype=opmath_dtype(weight.dtype)), s.to(weight.device)
+    device = weight.device
+    if v.device == device and s.device == device and v.dtype == opmath_dtype(weight.dtype):
+        return gamma  # the usual case; .to() would cost a dispatch per vector
+    return v.to(device=device, dtype=opmath_dtype(weight.dtype)), s.to(device)
+
+
+Batches = Dict[Tuple[int, bool, torch.device], List[Tuple["ParamUpdate", Tensor]]]
 
 
 def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
-                      gamma0: Optional[Dict[float, LogScaled]] = None) -> Dict[float, LogScaled]:
+                      gamma0: Optional[Dict[float, LogScaled]] = None,
+                      bias_batches: Optional[Batches] = None) -> Dict[float, LogScaled]:
     """Fused Path-SGD step of a dense chain. ``gamma0`` (per p) is the chain's input gamma when
     the chain is the head of a larger model; then the returned gamma_out at the chain input (per
-    p, from the old weights) is what the rest of the model needs."""
+    p, from the old weights) is what the rest of the model needs. Bias updates (materialized
+    kappa) go into ``bias_batches`` when given, to share the caller's multi-tensor update."""
     ps = sorted({u.p for u in updates.values()} | set(gamma0 or ()))
     gamma_in = {p: chain_gamma_in(chain, p, lambda w, b, v, s, p_: ops.gamma_forward(w, b, *_on((v, s), w), p_),
-                                  gamma0=gamma0[p] if gamma0 else None)
+                                  gamma0=gamma0[p] if gamma0 else None, with_output=False)
                 for p in ps}
     last = chain.layers[-1].weight
     gamma_out = {p: unit_gamma(last.shape[0], opmath_dtype(last.dtype), last.device) for p in ps}
-    bias_batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
+    deferred = bias_batches is not None
+    bias_batches = bias_batches if deferred else {}
     for index in reversed(range(len(chain.layers))):
         layer = chain.layers[index]
         bias_update = updates.get(layer.bias) if layer.bias is not None else None
@@ -250,7 +259,7 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
             v, s = _on(gamma_out[bias_update.p], layer.bias)
             bias_update.prepare_buffer()
             key = (id(bias_update.group), bias_update.first_step, layer.bias.device)
-            bias_batches.setdefault(key, []).append((bias_update, v.double() * s.exp()))
+            bias_batches.setdefault(key, []).append((bias_update, v.to(torch.float64, copy=True).mul_(s.exp())))
         weight_update = updates.get(layer.weight)
         # Read-only passes (other p values) must see the old weights: run them before the update.
         order = sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
@@ -263,7 +272,8 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
             gamma_out[p] = ops.fused_dense_step_(
                 layer.weight, update.grad if update is not None else None, buffer,
                 *_on(gamma_in[p][index], layer.weight), *_on(gamma_out[p], layer.weight), **{**hyper, "p": float(p)})
-    _apply_batches(bias_batches)
+    if not deferred:
+        _apply_batches(bias_batches)
     return gamma_out
 
 
@@ -284,14 +294,16 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
         # Dense head (e.g. a CNN's classifier): its fused update passes run inside the
         # evaluation and hand the gamma_out at the head's input to the trunk's backward.
         p = ps[0]
+        batches: Batches = {}
 
         def head_gamma(x: Tensor) -> Tensor:
             v, s = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
-            gv, gs = _dense_chain_step(graph.head, updates, gamma0={p: (v, s)})[p]
-            return gv.to(x.device, torch.float64) * gs.to(x.device).exp()
+            gv, gs = _dense_chain_step(graph.head, updates, gamma0={p: (v, s)}, bias_batches=batches)[p]
+            return gv.to(x.device, torch.float64, copy=True).mul_(_on_device(gs, x.device).exp())
 
         fused = fused_for(p)
-        _apply_graph_results(graph, updates, {p: (graph.trunk_kappas(p, fused, head_gamma), fused)}, head_names)
+        _apply_graph_results(graph, updates, {p: (graph.trunk_kappas(p, fused, head_gamma), fused)}, head_names,
+                             batches)
         return
     # Every abs-pow evaluation reads the old weights, so all of them run before any update.
     results = {}
@@ -303,10 +315,12 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
 
 
 def _apply_graph_results(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate],
-                         results: Dict[float, Tuple[Any, frozenset]], skip: set) -> None:
+                         results: Dict[float, Tuple[Any, frozenset]], skip: set,
+                         batches: Optional[Batches] = None) -> None:
     """The updates of a general graph's parameters (modules in ``skip`` are done already):
-    fused Linear layers through the dense kernel, the rest through one multi-tensor update."""
-    batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]] = {}
+    fused Linear layers through the dense kernel, the rest, with ``batches`` (kappa
+    materialized already), through one multi-tensor update per group."""
+    batches = batches if batches is not None else {}
     for module_name, module in graph.weighted.items():
         if module_name in skip:
             continue
@@ -331,7 +345,7 @@ def _on_device(t: Tensor, device: torch.device) -> Tensor:
     return t if t.device == device else t.to(device)
 
 
-def _apply_batches(batches: Dict[Tuple[int, bool, torch.device], List[Tuple[ParamUpdate, Tensor]]]) -> None:
+def _apply_batches(batches: Batches) -> None:
     """One multi-tensor update per (group, first step, device) with materialized kappa."""
     for batch in batches.values():
         first = batch[0][0]

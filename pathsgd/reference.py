@@ -33,6 +33,16 @@ def abs_pow(w: Tensor, p: float) -> Tensor:
     return w.abs().pow(p)
 
 
+def abs_pow_list(ws: List[Tensor], p: float) -> List[Tensor]:
+    """``[|w|^p for w in ws]`` as new tensors, with one foreach op per list."""
+    if p == 2:
+        return torch._foreach_mul(ws, ws)
+    out = torch._foreach_abs(ws)
+    if p != 1:
+        torch._foreach_pow_(out, p)
+    return out
+
+
 def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2] (addend float64).
 

@@ -36,8 +36,10 @@ def unit_gamma(n: int, dtype: torch.dtype, device: torch.device) -> LogScaled:
 
 
 def chain_gamma_in(chain: DenseChain, p: float, gamma_forward: Callable = reference.gamma_forward,
-                   dtype: Optional[torch.dtype] = None, gamma0: Optional[LogScaled] = None) -> List[LogScaled]:
-    """``[gamma_in(0), ..., gamma_in(L)]``: the input gamma of every layer, then the output gamma.
+                   dtype: Optional[torch.dtype] = None, gamma0: Optional[LogScaled] = None,
+                   with_output: bool = True) -> List[LogScaled]:
+    """``[gamma_in(0), ..., gamma_in(L)]``: the input gamma of every layer, then the output gamma
+    (left out when ``with_output`` is False: a step needs only the layers' inputs).
 
     ``dtype`` casts the weights first (float64 for exact scales); by default the
     vectors are in the parameters' opmath dtype. ``gamma0`` is the chain's input gamma
@@ -46,7 +48,7 @@ def chain_gamma_in(chain: DenseChain, p: float, gamma_forward: Callable = refere
     first = chain.layers[0].weight
     vec_dtype = dtype or reference.opmath_dtype(first.dtype)
     gammas = [gamma0 if gamma0 is not None else unit_gamma(first.shape[1], vec_dtype, first.device)]
-    for layer in chain.layers:
+    for layer in chain.layers if with_output else chain.layers[:-1]:
         weight, bias = layer.weight, layer.bias
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
