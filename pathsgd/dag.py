@@ -50,6 +50,7 @@ _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze
 _SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "permute", "transpose", "size",
                   "dim", "view_as", "reshape_as"}
 _IDENTITY_METHODS = {"relu", "relu_"}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
@@ -100,16 +101,31 @@ def _tuple(v: Any, n: int) -> Tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _sum_pool(x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
-    """Sum over each pooling window (zero padding): max-pool edges of weight 1."""
+def _sum_pool_args(nd: int, kernel, stride, padding) -> Tuple[Tuple[int, ...], ...]:
+    """Kernel, stride, padding of a sum pool as tuples; 1-D pools go through 2-D (avg_pool1d
+    has no divisor_override)."""
     kernel = _tuple(kernel, nd)
     stride = _tuple(stride if stride not in (None, []) else kernel, nd)
     padding = _tuple(padding, nd)
-    if nd == 1:  # avg_pool1d has no divisor_override: go through 2-D
-        return F.avg_pool2d(x.unsqueeze(-2), (1,) + kernel, (1,) + stride, (0,) + padding, ceil_mode, True,
-                            divisor_override=1).squeeze(-2)
-    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
-    return pool(x, kernel, stride, padding, ceil_mode, True, divisor_override=1)
+    return ((1,) + kernel, (1,) + stride, (0,) + padding) if nd == 1 else (kernel, stride, padding)
+
+
+def _sum_pool(x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
+    """Sum over each pooling window (zero padding): max-pool edges of weight 1."""
+    args = _sum_pool_args(nd, kernel, stride, padding)
+    if nd == 1:
+        return F.avg_pool2d(x.unsqueeze(-2), *args, ceil_mode, True, divisor_override=1).squeeze(-2)
+    return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
+
+
+def _sum_pool_vjp(g: Tensor, x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
+    """``g . d _sum_pool(x) / dx``: every input element gets the sum of g over its windows."""
+    args = _sum_pool_args(nd, kernel, stride, padding)
+    if nd == 1:
+        return torch.ops.aten.avg_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), *args, ceil_mode, True,
+                                                  1).squeeze(-2)
+    backward = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
+    return backward(g, x, *args, ceil_mode, True, 1)
 
 
 def _adaptive_window_sizes(in_sizes: Sequence[int], out_sizes: Sequence[int], device) -> Tensor:
@@ -147,6 +163,14 @@ def _pool(kind: str, nd: int, x: Tensor, p: float, args: Dict[str, Any]) -> Tens
     d = _adaptive_window_sizes(x.shape[-nd:], out_size, x.device)
     window_sum = adaptive(x, out_size) * d
     return window_sum if kind == "adaptive_max" else window_sum * d.pow(-p)
+
+
+def _constant_factor(node: torch.fx.Node, p: float) -> float:
+    """``|c|^p`` of a multiplication (or division) of activations by the constant c."""
+    c = next(a for a in node.args if not isinstance(a, torch.fx.Node))
+    if node.target in (operator.truediv, operator.itruediv, torch.div):
+        c = 1.0 / c
+    return abs(float(c)) ** p
 
 
 def _module_pool_args(m: nn.Module) -> Tuple[str, int, Dict[str, Any]]:
@@ -234,6 +258,7 @@ class GeneralGraph:
         self.prefix = prefix
         self.modules = dict(gm.named_modules())
         self._linear_input_rank: Dict[str, int] = {}
+        self._tensor_nodes: Set[torch.fx.Node] = set()  # nodes with tensor values (set by the input-shape check)
         self._param_names: Dict[Tuple[str, str], str] = {}
         self._validate()
         self.input_shape = self._resolve_input_shape(input_shape)
@@ -242,6 +267,9 @@ class GeneralGraph:
                          if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
         self.head, self.head_input = self._find_dense_head()
         self._head_names = frozenset(layer.name for layer in self.head.layers) if self.head is not None else frozenset()
+        # convolution_backward needs explicit padding: 'same'/'valid' convolutions take autograd.
+        self.tape_ok = not any(isinstance(m, _CONV) and isinstance(m.padding, str) for m in self.weighted.values())
+        self._tapes: Dict[Optional[torch.fx.Node], Any] = {}
 
     # ---- structure -------------------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -417,6 +445,8 @@ class GeneralGraph:
         gamma and output gamma (``d total / d output``) are returned instead.
         ``differentiable`` keeps the graph to the real parameters (for path_norm).
         """
+        if need_grads and not differentiable and not record_ranks and self._can_tape(fused):
+            return self._taped(None).run(p)
         with torch.set_grad_enabled(need_grads or differentiable):
             return self._evaluate(p, fused, differentiable, need_grads, record_ranks)
 
@@ -425,6 +455,8 @@ class GeneralGraph:
         """Path scales of the trunk of a model that ends in a dense head (``self.head``): the
         abs-pow network runs up to the head's input x; ``head_gamma(x)`` returns the gamma_out
         there (``d phi_p^p / d x``, from the head's fused passes), which seeds the backward."""
+        if self._can_tape(fused - self._head_names):
+            return self._taped(self.head_input).run(p, head_gamma)
         with torch.enable_grad():
             result = self._evaluate(p, fused, False, True, False, stop=self.head_input)
             x = result.head_input
@@ -452,8 +484,7 @@ class GeneralGraph:
             return v
 
         if need_grads and not differentiable:
-            self._abs_pow_leaves(leaves, p, fused, device, self._head_names if stop is not None else frozenset())
-
+            self.abs_pow_leaves(leaves, p, fused, device, self._head_names if stop is not None else frozenset())
         env: Dict[torch.fx.Node, Any] = {}
 
         def val(x: Any) -> Any:
@@ -467,8 +498,8 @@ class GeneralGraph:
                 torch.fx.node.map_arg(node.args[0], lambda n: out_nodes.append(env[n]))
             elif node.op == "call_module":
                 m = self.modules[node.target]
-                x = val(node.args[0])
                 if isinstance(m, _WEIGHTED):
+                    x = val(node.args[0])
                     is_fused = node.target in fused and need_grads and not differentiable
                     b = a(self.param_name(node.target, "bias"), m.bias, leaf=True) if m.bias is not None else None
                     x = x if x.device == device else x.to(device)
@@ -481,38 +512,38 @@ class GeneralGraph:
                             dense_inputs.append(x)
                         y = _DenseGamma.apply(x, m.weight.detach(), p, record)
                         y = y + b if b is not None else y
-                    elif isinstance(m, nn.Linear):
-                        y = F.linear(x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b)
                     else:
-                        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)]
-                        y = conv(x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b, m.stride,
-                                 m.padding, m.dilation, m.groups)
+                        y = self.layer_forward(m, x, a(self.param_name(node.target, "weight"), m.weight, leaf=True), b)
                     env[node] = y
-                elif isinstance(m, _BATCHNORM):
-                    env[node] = self._batchnorm(m, x, p)
-                elif isinstance(m, _IDENTITY_MODULES):
-                    env[node] = x
-                elif isinstance(m, _SHAPE_MODULES):
-                    env[node] = m(x)
                 else:
-                    kind, nd, args = _module_pool_args(m)
-                    env[node] = _pool(kind, nd, x, p, args)
-            elif node.op == "call_function":
-                env[node] = self._call_function(node, val, p)
-            elif node.op == "call_method":
-                env[node] = self._call_method(node, val, p)
+                    env[node] = self._constant_node(node, val, p)
+            elif node.op in ("call_function", "call_method"):
+                env[node] = self._constant_node(node, val, p)
             if node is stop:
                 # The caller seeds the backward with the head's gamma_out (trunk_kappas).
                 result.head_input = env[node]
                 result.backward_args = (leaves, dense_inputs, records)
                 return result
         result.total = sum(o.sum() for o in out_nodes)
+        if record_ranks:
+            self._tensor_nodes = {n for n, v in env.items() if isinstance(v, Tensor)}
         if need_grads and not differentiable:
             self._backward(result, result.total, None, leaves, dense_inputs, records)
         return result
 
-    def _abs_pow_leaves(self, leaves: Dict[str, Tensor], p: float, fused: frozenset, device: torch.device,
-                        skip: frozenset) -> None:
+    def _can_tape(self, fused: frozenset) -> bool:
+        """Fused Linear layers need their autograd Function, so only evaluations without them tape."""
+        return self.tape_ok and not fused
+
+    def _taped(self, stop: Optional[torch.fx.Node]) -> Any:
+        """The taped evaluation of the network up to ``stop`` (the model output when None), built once."""
+        if stop not in self._tapes:
+            from .taped import TapedEvaluation
+            self._tapes[stop] = TapedEvaluation(self, stop)
+        return self._tapes[stop]
+
+    def abs_pow_leaves(self, leaves: Dict[str, Tensor], p: float, fused: frozenset, device: torch.device,
+                       skip: frozenset, requires_grad: bool = True) -> None:
         """``|w|^p`` in float64 of every parameter the evaluation reads as a tensor (not the
         weights of ``fused`` layers nor the modules in ``skip``), as autograd leaves, in one batch."""
         names, tensors = [], []
@@ -530,7 +561,7 @@ class GeneralGraph:
         with torch.no_grad():
             values = abs_pow_list([t.to(device=device, dtype=torch.float64) for t in tensors], p)
         for name, v in zip(names, values):
-            leaves[name] = v.requires_grad_(True)
+            leaves[name] = v.requires_grad_(True) if requires_grad else v
 
     def _backward(self, result: AbsNetResult, output: Tensor, grad_output: Optional[Tensor],
                   leaves: Dict[str, Tensor], dense_inputs: List[Tensor], records: Dict[str, Dict[str, Any]]) -> None:
@@ -548,6 +579,32 @@ class GeneralGraph:
                                                         dtype=record["gamma_in"][0].dtype, device=device),
                                             torch.zeros((), dtype=torch.float64, device=device)))
             result.dense_gammas[name] = (*record["gamma_in"], *record["gamma_out"])
+
+    @staticmethod
+    def layer_forward(m: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """A Linear or Conv layer of the abs-pow network: ``m``'s geometry with |W|^p and |b|^p."""
+        if isinstance(m, nn.Linear):
+            return F.linear(x, weight, bias)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)]
+        return conv(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def _constant_node(self, node: torch.fx.Node, val: Callable, p: float) -> Any:
+        """The value of a node without parameters of its own: a linear map of its tensor
+        inputs (plus a constant for BatchNorm) in the abs-pow network."""
+        if node.op == "call_function":
+            return self._call_function(node, val, p)
+        if node.op == "call_method":
+            return self._call_method(node, val, p)
+        m = self.modules[node.target]
+        x = val(node.args[0])
+        if isinstance(m, _BATCHNORM):
+            return self._batchnorm(m, x, p)
+        if isinstance(m, _IDENTITY_MODULES):
+            return x
+        if isinstance(m, _SHAPE_MODULES):
+            return m(x)
+        kind, nd, args = _module_pool_args(m)
+        return _pool(kind, nd, x, p, args)
 
     @staticmethod
     def _batchnorm(m: nn.Module, x: Tensor, p: float) -> Tensor:
@@ -572,11 +629,7 @@ class GeneralGraph:
         if t in _ADD:
             return val(node.args[0]) + val(node.args[1])
         if t in _MUL:
-            x = next(val(a) for a in node.args if isinstance(a, torch.fx.Node))
-            c = next(a for a in node.args if not isinstance(a, torch.fx.Node))
-            if t in (operator.truediv, operator.itruediv, torch.div):
-                c = 1.0 / c
-            return x * abs(float(c)) ** p
+            return val(next(a for a in node.args if isinstance(a, torch.fx.Node))) * _constant_factor(node, p)
         if t in _POOL_FUNCTIONS:
             kind, nd, args = _function_pool_args(node)
             return _pool(kind, nd, val(node.args[0]), p, args)

@@ -661,9 +661,24 @@ def test_oracle_by_hand():
         assert float(pathsgd.path_norm(model, p, (1, 2)).detach()) ** p == pytest.approx(total, rel=1e-12)
 
 
+@pytest.fixture(params=["taped", "autograd"])
+def evaluation(request, monkeypatch) -> Tuple[str, List[int]]:
+    """How kappa is backpropagated through the abs-pow network: the compiled VJP tape (the
+    default) or autograd (models the tape does not cover). Both must match the oracle.
+    Returns the mode and the list of taped runs, so a test can check the tape was used."""
+    from pathsgd import dag, taped
+    runs: List[int] = []
+    if request.param == "autograd":
+        monkeypatch.setattr(dag.GeneralGraph, "_can_tape", lambda self, fused: False)
+    else:
+        run = taped.TapedEvaluation.run
+        monkeypatch.setattr(taped.TapedEvaluation, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+    return request.param, runs
+
+
 @pytest.mark.parametrize("p", P_VALUES)
 @pytest.mark.parametrize("cls", ORACLE_NETS, ids=lambda c: c.__name__)
-def test_path_norm_and_scales_match_oracle(cls, p):
+def test_path_norm_and_scales_match_oracle(cls, p, evaluation):
     model = make_net(cls, seed=p)
     total, kappa = unrolled_of(model).scales(p)
     norm = pathsgd.path_norm(model, p, cls.input_shape)
@@ -674,6 +689,26 @@ def test_path_norm_and_scales_match_oracle(cls, p):
     for name, prm in path_params(model).items():
         assert scales[name].shape == prm.shape and scales[name].dtype == torch.float64, name
         torch.testing.assert_close(scales[name], kappa[name], rtol=RTOL, atol=1e-300, msg=lambda m: f"{name}: {m}")
+    mode, runs = evaluation
+    assert len(runs) == (1 if mode == "taped" else 0)  # path_scales evaluates once, taped unless told not to
+
+
+def test_string_padding_takes_autograd_and_matches_explicit_padding(evaluation):
+    """padding='same'/'valid' cannot go to convolution_backward: such a model takes the autograd
+    evaluation, with the kappas of the same model written with explicit padding."""
+    def net(same: bool) -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv1d(2, 3, 3, padding="same" if same else 1), nn.ReLU(),
+                             nn.Conv1d(3, 2, 2, padding="valid" if same else 0), nn.Flatten(),
+                             nn.Linear(2 * 6, 2)).double()
+    mode, runs = evaluation
+    implicit = pathsgd.path_scales(net(True), 2, (2, 7))
+    assert not runs  # never taped
+    explicit = pathsgd.path_scales(net(False), 2, (2, 7))
+    assert len(runs) == (1 if mode == "taped" else 0)
+    assert list(implicit) == list(explicit)
+    for name in implicit:
+        torch.testing.assert_close(implicit[name], explicit[name], rtol=1e-12, atol=0)
 
 
 def test_path_norm_is_differentiable_for_conv():
@@ -828,7 +863,7 @@ def _oracle_sgd_step(model, sgd: torch.optim.SGD, p: float, eps: float) -> None:
     (SharedNet, 3, dict(momentum=0.5, dampening=0.1, weight_decay=1e-2)),
     (AvgPool2dNet, 2, dict(momentum=0.0, maximize=True)),
 ], ids=["residual-p2", "conv2d-p1-nesterov", "shared-p3", "avgpool-p2-maximize"])
-def test_sgd_parity_conv(cls, p, hyper):
+def test_sgd_parity_conv(cls, p, hyper, evaluation):
     model = make_net(cls, seed=7)
     twin = copy.deepcopy(model)
     lr = 1e-2
@@ -911,9 +946,10 @@ def test_fused_linear_with_different_p_groups():
 
 
 @pytest.mark.parametrize("subset", ["all", "trunk", "head", "head-bias", "one-conv-weight"])
-@pytest.mark.parametrize("cls,head", [(ResidualNet, ["fc"]), (DenseDAGNet, ["fc3"]), (BatchNormNet, ["fc2"])],
+@pytest.mark.parametrize("cls,head,trunk_linears", [(ResidualNet, ["fc"], []), (DenseDAGNet, ["fc3"], ["fc1", "fc2"]),
+                                                    (BatchNormNet, ["fc2"], ["fc1"])],
                          ids=lambda v: v.__name__ if isinstance(v, type) else None)
-def test_dense_head_step_with_partial_parameters(cls, head, subset):
+def test_dense_head_step_with_partial_parameters(cls, head, trunk_linears, subset, evaluation):
     """A model ending in Linear layers (a conv trunk's classifier) takes the dense-head path: the
     head's fused passes seed the trunk's backward. Whatever subset is optimized, every kappa
     comes from the old weights (oracle) and parameters outside the subset stay unchanged."""
@@ -939,6 +975,10 @@ def test_dense_head_step_with_partial_parameters(cls, head, subset):
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
     assert all(not torch.equal(named[n], dict(make_net(cls, seed=14).named_parameters())[n]) for n in chosen)
+    # An optimized trunk Linear weight takes the fused kernel through autograd; otherwise the trunk tapes.
+    mode, runs = evaluation
+    trunk_tapes = not any(n.split(".")[0] in trunk_linears and n.endswith("weight") for n in chosen)
+    assert len(runs) == (1 if mode == "taped" and trunk_tapes else 0)
 
 
 # ================================================================================================================

@@ -1,0 +1,224 @@
+"""The abs-pow network's kappas without an autograd graph (the per-step path of conv nets).
+
+A PathSGD step of a traced model runs the abs-pow network (``|w|^p`` weights, all-ones input,
+float64) forward and backpropagates to every ``|w|^p``. The network is tiny, so autograd's
+bookkeeping costs as much as the arithmetic. This module compiles, once per model, the
+forward into a flat plan and the backward into a tape of vector-Jacobian products (VJPs):
+
+* Conv/Linear: ``aten.convolution_backward`` (or two matmuls) gives the input gradient and
+  the weight and bias gradients (kappa) in one call; a module called twice sums its kappas.
+* identity, reshape, residual addition, multiplication by a constant, max pooling (a sum pool
+  in the abs-pow network): closed-form VJPs.
+* any other node (average/adaptive pooling, concatenation, means, slicing, BatchNorm) is linear
+  in its tensor inputs, so autograd through that single node gives its VJP.
+
+``GeneralGraph`` uses it when no fused Linear (an autograd Function) lies in the evaluated part
+and every convolution has explicit padding; otherwise the autograd path computes the same numbers
+(the tests compare both).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch import Tensor
+
+from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY_MODULES, _MAXPOOL, _MUL,
+                  _POOL_FUNCTIONS, _RESHAPE_METHODS, _SHAPE_MODULES, _WEIGHTED, AbsNetResult, _constant_factor,
+                  _function_pool_args, _module_pool_args, _sum_pool_vjp)
+
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+
+# Forward plan codes
+_INPUT, _ALIAS, _LAYER, _OTHER = range(4)
+# Backward rule codes
+_V_LAYER, _V_ALIAS, _V_RESHAPE, _V_ADD, _V_SCALE, _V_MAXPOOL, _V_LOCAL = range(7)
+
+
+class TapedEvaluation:
+    """Forward plan and VJP tape of a ``GeneralGraph``'s abs-pow network up to ``stop``."""
+
+    def __init__(self, graph: Any, stop: Optional[torch.fx.Node]) -> None:
+        self.graph = graph
+        self.stop = stop
+        self.output = next(n for n in graph.gm.graph.nodes if n.op == "output")
+        self.plan: List[Tuple[torch.fx.Node, int, Any]] = []
+        self.needs: Dict[torch.fx.Node, bool] = {}  # does the node's value depend on a parameter?
+        self.tape: List[Tuple[torch.fx.Node, int, Any]] = []
+        for node in graph.gm.graph.nodes:
+            if node.op == "output":
+                break
+            self.plan.append(self._plan_entry(node))
+            weighted = node.op == "call_module" and isinstance(graph.modules[node.target], _WEIGHTED)
+            self.needs[node] = node in graph._tensor_nodes and (
+                weighted or any(self.needs.get(n, False) for n in node.all_input_nodes))
+            if self.needs[node]:
+                self.tape.append((node, *self._vjp_rule(node)))
+            if node is stop:
+                break
+        self.tape.reverse()
+        # |w|^p leaves: every parameter of the evaluated part (the dense head's are not)
+        self.skip = graph._head_names if stop is not None else frozenset()
+
+    # ---- compile -------------------------------------------------------------------------------------------
+    def _plan_entry(self, node: torch.fx.Node) -> Tuple[torch.fx.Node, int, Any]:
+        g = self.graph
+        if node.op == "placeholder":
+            return node, _INPUT, None
+        if node.op == "call_module":
+            m = g.modules[node.target]
+            if isinstance(m, _WEIGHTED):
+                bias = g.param_name(node.target, "bias") if m.bias is not None else None
+                return node, _LAYER, (node.args[0], m, g.param_name(node.target, "weight"), bias)
+            if isinstance(m, _IDENTITY_MODULES):
+                return node, _ALIAS, node.args[0]
+        elif (node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS) or (
+                node.op == "call_method" and node.target in _IDENTITY_METHODS):
+            return node, _ALIAS, node.args[0]
+        return node, _OTHER, None
+
+    def _vjp_rule(self, node: torch.fx.Node) -> Tuple[int, Any]:
+        g = self.graph
+        x = node.args[0] if node.args else None
+        if node.op == "call_module":
+            m = g.modules[node.target]
+            if isinstance(m, _WEIGHTED):
+                names = (g.param_name(node.target, "weight"),
+                         g.param_name(node.target, "bias") if m.bias is not None else None)
+                return _V_LAYER, (x, m, *names)
+            if isinstance(m, _IDENTITY_MODULES):
+                return _V_ALIAS, (x,)
+            if isinstance(m, _SHAPE_MODULES):
+                return _V_RESHAPE, (x,)
+            if isinstance(m, _MAXPOOL):
+                return _V_MAXPOOL, (x, *_module_pool_args(m)[1:])
+        elif node.op == "call_function":
+            t = node.target
+            if t in _IDENTITY_FUNCTIONS:
+                return _V_ALIAS, (x,)
+            if t in _ADD:
+                return _V_ADD, tuple(a for a in node.args[:2] if isinstance(a, torch.fx.Node) and self.needs[a])
+            if t in _MUL:
+                return _V_SCALE, (next(a for a in node.args if isinstance(a, torch.fx.Node)),)
+            if t in _RESHAPE_FUNCTIONS:
+                return _V_RESHAPE, (x,)
+            if t in _POOL_FUNCTIONS and _POOL_FUNCTIONS[t][0] == "max":
+                return _V_MAXPOOL, (x, *_function_pool_args(node)[1:])
+        elif node.target in _IDENTITY_METHODS:
+            return _V_ALIAS, (x,)
+        elif node.target in _RESHAPE_METHODS:
+            return _V_RESHAPE, (x,)
+        sources = tuple(n for n in node.all_input_nodes if self.needs[n])
+        return _V_LOCAL, sources
+
+    # ---- run -----------------------------------------------------------------------------------------------
+    def run(self, p: float, head_gamma: Optional[Callable[[Tensor], Tensor]] = None) -> AbsNetResult:
+        """kappa of every parameter of the evaluated part; with a ``stop`` node, ``head_gamma(x)``
+        (x: the value there) gives d phi_p^p / d x, else the seed is d sum(outputs) / d output."""
+        g = self.graph
+        device = next(iter(g.weighted.values())).weight.device
+        result = AbsNetResult()
+        leaves: Dict[str, Tensor] = {}
+        with torch.no_grad():
+            g.abs_pow_leaves(leaves, p, frozenset(), device, self.skip, requires_grad=False)
+            env = self._forward(p, leaves, device)
+            if self.stop is not None:
+                x = result.head_input = env[self.stop]
+                seeds = {self.stop: head_gamma(x).reshape(x.shape)}
+            else:
+                outputs: List[Tensor] = []
+                seeds = {}
+                torch.fx.node.map_arg(self.output.args[0], lambda n: (
+                    outputs.append(env[n]),
+                    seeds.__setitem__(n, seeds[n] + 1 if n in seeds else torch.ones_like(env[n]))))
+                result.total = sum(o.sum() for o in outputs)
+            self._backward(p, env, leaves, seeds, result.kappas)
+        for name, t in leaves.items():
+            if name not in result.kappas:  # a parameter no output depends on
+                result.kappas[name] = torch.zeros_like(t)
+        return result
+
+    def _forward(self, p: float, leaves: Dict[str, Tensor], device: torch.device) -> Dict[torch.fx.Node, Any]:
+        g = self.graph
+        env: Dict[torch.fx.Node, Any] = {}
+
+        def val(a: Any) -> Any:
+            return torch.fx.node.map_arg(a, env.__getitem__)
+
+        for node, code, data in self.plan:
+            if code == _ALIAS:
+                env[node] = env[data]
+            elif code == _LAYER:
+                src, m, weight, bias = data
+                x = env[src]
+                env[node] = g.layer_forward(m, x if x.device == device else x.to(device), leaves[weight],
+                                            leaves[bias] if bias is not None else None)
+            elif code == _INPUT:
+                env[node] = torch.ones((1,) + g.input_shape, dtype=torch.float64, device=device)
+            else:
+                env[node] = g._constant_node(node, val, p)
+        return env
+
+    def _backward(self, p: float, env: Dict[torch.fx.Node, Any], leaves: Dict[str, Tensor],
+                  seeds: Dict[torch.fx.Node, Tensor], kappas: Dict[str, Tensor]) -> None:
+        grads = dict(seeds)
+
+        def push(node: torch.fx.Node, grad: Tensor) -> None:
+            grads[node] = grads[node] + grad if node in grads else grad
+
+        for node, rule, data in self.tape:
+            gy = grads.pop(node, None)
+            if gy is None:
+                continue
+            if rule == _V_LAYER:
+                src, m, weight, bias = data
+                gx = self._layer_vjp(m, gy, env[src], leaves[weight], bias is not None, self.needs[src])
+                for name, grad in zip((weight, bias), gx[1:]):
+                    if name is not None:  # a module called twice (shared weights) sums over its edges
+                        kappas[name] = kappas[name] + grad if name in kappas else grad
+                if gx[0] is not None:
+                    push(src, gx[0])
+            elif rule == _V_ALIAS:
+                push(data[0], gy)
+            elif rule == _V_RESHAPE:
+                push(data[0], gy.reshape(env[data[0]].shape))
+            elif rule == _V_ADD:  # a residual addition: each branch gets gy (summed over broadcast dims)
+                for src in data:
+                    push(src, gy.sum_to_size(env[src].shape))
+            elif rule == _V_SCALE:
+                push(data[0], gy * _constant_factor(node, p))
+            elif rule == _V_MAXPOOL:
+                src, nd, args = data
+                push(src, _sum_pool_vjp(gy, env[src], nd, args["kernel_size"], args.get("stride"),
+                                        args.get("padding", 0), args.get("ceil_mode", False)))
+            else:
+                for src, grad in self._local_vjp(node, data, gy, env, p):
+                    push(src, grad)
+
+    @staticmethod
+    def _layer_vjp(m: nn.Module, gy: Tensor, x_in: Tensor, w: Tensor, has_bias: bool,
+                   need_x: bool) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(d/dx, d/d|W|^p, d/d|b|^p) of ``y = layer(x, |W|^p, |b|^p)`` seeded with ``gy``."""
+        x = x_in if x_in.device == w.device else x_in.to(w.device)
+        if isinstance(m, _CONV):
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, w, [w.shape[0]] if has_bias else None, m.stride, m.padding, m.dilation, False,
+                [0] * len(m.kernel_size), m.groups, [need_x, True, has_bias])
+        else:
+            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            gx, gw, gb = (gy @ w if need_x else None), g2.t() @ x2, (g2.sum(0) if has_bias else None)
+        if gx is not None and gx.device != x_in.device:
+            gx = gx.to(x_in.device)
+        return gx, gw, gb
+
+    def _local_vjp(self, node: torch.fx.Node, sources: Tuple[torch.fx.Node, ...], gy: Tensor,
+                   env: Dict[torch.fx.Node, Any], p: float) -> List[Tuple[torch.fx.Node, Tensor]]:
+        """Autograd through this one node (linear in its tensor inputs)."""
+        with torch.enable_grad():
+            local = {n: env[n].detach().requires_grad_(True) if n in sources else env[n]
+                     for n in node.all_input_nodes}
+            out = self.graph._constant_node(node, lambda a: torch.fx.node.map_arg(a, local.__getitem__), p)
+            grads = torch.autograd.grad(out, [local[n] for n in sources], gy, allow_unused=True)
+        return [(n, grad) for n, grad in zip(sources, grads) if grad is not None]
