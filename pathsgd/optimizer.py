@@ -244,34 +244,36 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
     the chain is the head of a larger model; then the returned gamma_out at the chain input (per
     p, from the old weights) is what the rest of the model needs. Bias updates (materialized
     kappa) go into ``bias_batches`` when given, to share the caller's multi-tensor update."""
+    params = [(layer.weight, layer.bias) for layer in chain.layers]  # module attribute lookups are slow: once
     ps = sorted({u.p for u in updates.values()} | set(gamma0 or ()))
     gamma_in = {p: chain_gamma_in(chain, p, lambda w, b, v, s, p_: ops.gamma_forward(w, b, *_on((v, s), w), p_),
-                                  gamma0=gamma0[p] if gamma0 else None, with_output=False)
+                                  gamma0=gamma0[p] if gamma0 else None, with_output=False, params=params)
                 for p in ps}
-    last = chain.layers[-1].weight
+    last = params[-1][0]
     gamma_out = {p: unit_gamma(last.shape[0], opmath_dtype(last.dtype), last.device) for p in ps}
     deferred = bias_batches is not None
     bias_batches = bias_batches if deferred else {}
-    for index in reversed(range(len(chain.layers))):
-        layer = chain.layers[index]
-        bias_update = updates.get(layer.bias) if layer.bias is not None else None
+    for index in reversed(range(len(params))):
+        weight, bias = params[index]
+        bias_update = updates.get(bias) if bias is not None else None
         if bias_update is not None:
-            v, s = _on(gamma_out[bias_update.p], layer.bias)
+            v, s = _on(gamma_out[bias_update.p], bias)
             bias_update.prepare_buffer()
-            key = (id(bias_update.group), bias_update.first_step, layer.bias.device)
+            key = (id(bias_update.group), bias_update.first_step, bias.device)
             bias_batches.setdefault(key, []).append((bias_update, v.to(torch.float64, copy=True).mul_(s.exp())))
-        weight_update = updates.get(layer.weight)
+        weight_update = updates.get(weight)
         # Read-only passes (other p values) must see the old weights: run them before the update.
-        order = sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
+        order = ps if len(ps) == 1 else sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
         for p in order:
             update = weight_update if weight_update is not None and weight_update.p == p else None
             if update is None and index == 0 and gamma0 is None:
                 continue  # nobody needs the gamma at the model input
-            buffer = update.prepare_buffer() if update is not None else None
-            hyper = update.hyper() if update is not None else _READ_ONLY_HYPER
-            gamma_out[p] = ops.fused_dense_step_(
-                layer.weight, update.grad if update is not None else None, buffer,
-                *_on(gamma_in[p][index], layer.weight), *_on(gamma_out[p], layer.weight), **{**hyper, "p": float(p)})
+            if update is not None:
+                grad, buffer, hyper = update.grad, update.prepare_buffer(), update.hyper()
+            else:
+                grad, buffer, hyper = None, None, {**_READ_ONLY_HYPER, "p": float(p)}
+            gamma_out[p] = ops.fused_dense_step_(weight, grad, buffer, *_on(gamma_in[p][index], weight),
+                                                 *_on(gamma_out[p], weight), **hyper)
     if not deferred:
         _apply_batches(bias_batches)
     return gamma_out

@@ -37,19 +37,22 @@ def unit_gamma(n: int, dtype: torch.dtype, device: torch.device) -> LogScaled:
 
 def chain_gamma_in(chain: DenseChain, p: float, gamma_forward: Callable = reference.gamma_forward,
                    dtype: Optional[torch.dtype] = None, gamma0: Optional[LogScaled] = None,
-                   with_output: bool = True) -> List[LogScaled]:
+                   with_output: bool = True,
+                   params: Optional[List[Tuple[Tensor, Optional[Tensor]]]] = None) -> List[LogScaled]:
     """``[gamma_in(0), ..., gamma_in(L)]``: the input gamma of every layer, then the output gamma
     (left out when ``with_output`` is False: a step needs only the layers' inputs).
 
     ``dtype`` casts the weights first (float64 for exact scales); by default the
     vectors are in the parameters' opmath dtype. ``gamma0`` is the chain's input gamma
-    (default: all ones, the chain starts at the model input).
+    (default: all ones, the chain starts at the model input). ``params``: the layers'
+    (weight, bias), when the caller has read them already.
     """
-    first = chain.layers[0].weight
+    if params is None:
+        params = [(layer.weight, layer.bias) for layer in chain.layers]
+    first = params[0][0]
     vec_dtype = dtype or reference.opmath_dtype(first.dtype)
     gammas = [gamma0 if gamma0 is not None else unit_gamma(first.shape[1], vec_dtype, first.device)]
-    for layer in chain.layers if with_output else chain.layers[:-1]:
-        weight, bias = layer.weight, layer.bias
+    for weight, bias in params if with_output else params[:-1]:
         if dtype is not None:
             weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
         gammas.append(gamma_forward(weight, bias, *gammas[-1], p))
