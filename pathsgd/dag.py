@@ -112,15 +112,18 @@ def _sum_pool_args(nd: int, kernel, stride, padding) -> Tuple[Tuple[int, ...], .
 
 def _sum_pool(x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
     """Sum over each pooling window (zero padding): max-pool edges of weight 1."""
-    args = _sum_pool_args(nd, kernel, stride, padding)
+    return sum_pool(x, nd, _sum_pool_args(nd, kernel, stride, padding), ceil_mode)
+
+
+def sum_pool(x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...], ceil_mode: bool) -> Tensor:
+    """``_sum_pool`` with the arguments from ``_sum_pool_args``."""
     if nd == 1:
         return F.avg_pool2d(x.unsqueeze(-2), *args, ceil_mode, True, divisor_override=1).squeeze(-2)
     return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
 
 
-def _sum_pool_vjp(g: Tensor, x: Tensor, nd: int, kernel, stride, padding, ceil_mode: bool) -> Tensor:
-    """``g . d _sum_pool(x) / dx``: every input element gets the sum of g over its windows."""
-    args = _sum_pool_args(nd, kernel, stride, padding)
+def sum_pool_vjp(g: Tensor, x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...], ceil_mode: bool) -> Tensor:
+    """``g . d sum_pool(x) / dx``: every input element gets the sum of g over its windows."""
     if nd == 1:
         return torch.ops.aten.avg_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), *args, ceil_mode, True,
                                                   1).squeeze(-2)
@@ -163,6 +166,13 @@ def _pool(kind: str, nd: int, x: Tensor, p: float, args: Dict[str, Any]) -> Tens
     d = _adaptive_window_sizes(x.shape[-nd:], out_size, x.device)
     window_sum = adaptive(x, out_size) * d
     return window_sum if kind == "adaptive_max" else window_sum * d.pow(-p)
+
+
+def layer_call(m: nn.Module) -> Tuple[Callable, Tuple]:
+    """``(fn, geometry)`` with ``fn(x, weight, bias, *geometry)`` the layer's functional form."""
+    if isinstance(m, nn.Linear):
+        return F.linear, ()
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)], (m.stride, m.padding, m.dilation, m.groups)
 
 
 def _constant_factor(node: torch.fx.Node, p: float) -> float:
@@ -583,10 +593,8 @@ class GeneralGraph:
     @staticmethod
     def layer_forward(m: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """A Linear or Conv layer of the abs-pow network: ``m``'s geometry with |W|^p and |b|^p."""
-        if isinstance(m, nn.Linear):
-            return F.linear(x, weight, bias)
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(m.kernel_size)]
-        return conv(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        fn, geometry = layer_call(m)
+        return fn(x, weight, bias, *geometry)
 
     def _constant_node(self, node: torch.fx.Node, val: Callable, p: float) -> Any:
         """The value of a node without parameters of its own: a linear map of its tensor

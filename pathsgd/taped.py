@@ -27,12 +27,12 @@ from torch import Tensor
 
 from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY_MODULES, _MAXPOOL, _MUL,
                   _POOL_FUNCTIONS, _RESHAPE_METHODS, _SHAPE_MODULES, _WEIGHTED, AbsNetResult, _constant_factor,
-                  _function_pool_args, _module_pool_args, _sum_pool_vjp)
+                  _function_pool_args, _module_pool_args, _sum_pool_args, layer_call, sum_pool, sum_pool_vjp)
 
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 
 # Forward plan codes
-_INPUT, _ALIAS, _LAYER, _OTHER = range(4)
+_INPUT, _ALIAS, _LAYER, _SUMPOOL, _FLATTEN, _OTHER = range(6)
 # Backward rule codes
 _V_LAYER, _V_ALIAS, _V_RESHAPE, _V_ADD, _V_SCALE, _V_MAXPOOL, _V_LOCAL = range(7)
 
@@ -71,13 +71,26 @@ class TapedEvaluation:
             m = g.modules[node.target]
             if isinstance(m, _WEIGHTED):
                 bias = g.param_name(node.target, "bias") if m.bias is not None else None
-                return node, _LAYER, (node.args[0], m, g.param_name(node.target, "weight"), bias)
+                return node, _LAYER, (node.args[0], g.param_name(node.target, "weight"), bias, *layer_call(m))
             if isinstance(m, _IDENTITY_MODULES):
                 return node, _ALIAS, node.args[0]
+            if isinstance(m, nn.Flatten):
+                return node, _FLATTEN, (node.args[0], m.start_dim, m.end_dim)
+            if isinstance(m, _MAXPOOL):
+                return node, _SUMPOOL, (node.args[0], *self._sum_pool_args(*_module_pool_args(m)[1:]))
         elif (node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS) or (
                 node.op == "call_method" and node.target in _IDENTITY_METHODS):
             return node, _ALIAS, node.args[0]
+        elif node.op == "call_function" and node.target in _POOL_FUNCTIONS and _POOL_FUNCTIONS[node.target][0] == "max":
+            return node, _SUMPOOL, (node.args[0], *self._sum_pool_args(*_function_pool_args(node)[1:]))
         return node, _OTHER, None
+
+    @staticmethod
+    def _sum_pool_args(nd: int, args: Dict[str, Any]) -> Tuple[int, Tuple, bool]:
+        """A max pool's sum-pool geometry, normalized once (its dilation and return_indices
+        were validated when the graph was built)."""
+        return (nd, _sum_pool_args(nd, args["kernel_size"], args.get("stride"), args.get("padding", 0)),
+                args.get("ceil_mode", False))
 
     def _vjp_rule(self, node: torch.fx.Node) -> Tuple[int, Any]:
         g = self.graph
@@ -93,7 +106,7 @@ class TapedEvaluation:
             if isinstance(m, _SHAPE_MODULES):
                 return _V_RESHAPE, (x,)
             if isinstance(m, _MAXPOOL):
-                return _V_MAXPOOL, (x, *_module_pool_args(m)[1:])
+                return _V_MAXPOOL, (x, *self._sum_pool_args(*_module_pool_args(m)[1:]))
         elif node.op == "call_function":
             t = node.target
             if t in _IDENTITY_FUNCTIONS:
@@ -105,7 +118,7 @@ class TapedEvaluation:
             if t in _RESHAPE_FUNCTIONS:
                 return _V_RESHAPE, (x,)
             if t in _POOL_FUNCTIONS and _POOL_FUNCTIONS[t][0] == "max":
-                return _V_MAXPOOL, (x, *_function_pool_args(node)[1:])
+                return _V_MAXPOOL, (x, *self._sum_pool_args(*_function_pool_args(node)[1:]))
         elif node.target in _IDENTITY_METHODS:
             return _V_ALIAS, (x,)
         elif node.target in _RESHAPE_METHODS:
@@ -151,10 +164,14 @@ class TapedEvaluation:
             if code == _ALIAS:
                 env[node] = env[data]
             elif code == _LAYER:
-                src, m, weight, bias = data
+                src, weight, bias, fn, geometry = data
                 x = env[src]
-                env[node] = g.layer_forward(m, x if x.device == device else x.to(device), leaves[weight],
-                                            leaves[bias] if bias is not None else None)
+                env[node] = fn(x if x.device == device else x.to(device), leaves[weight],
+                               leaves[bias] if bias is not None else None, *geometry)
+            elif code == _SUMPOOL:
+                env[node] = sum_pool(env[data[0]], *data[1:])
+            elif code == _FLATTEN:
+                env[node] = env[data[0]].flatten(*data[1:])
             elif code == _INPUT:
                 env[node] = torch.ones((1,) + g.input_shape, dtype=torch.float64, device=device)
             else:
@@ -190,9 +207,7 @@ class TapedEvaluation:
             elif rule == _V_SCALE:
                 push(data[0], gy * _constant_factor(node, p))
             elif rule == _V_MAXPOOL:
-                src, nd, args = data
-                push(src, _sum_pool_vjp(gy, env[src], nd, args["kernel_size"], args.get("stride"),
-                                        args.get("padding", 0), args.get("ceil_mode", False)))
+                push(data[0], sum_pool_vjp(gy, env[data[0]], *data[1:]))
             else:
                 for src, grad in self._local_vjp(node, data, gy, env, p):
                     push(src, grad)
