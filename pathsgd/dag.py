@@ -268,8 +268,7 @@ class GeneralGraph:
         self.prefix = prefix
         self.modules = dict(gm.named_modules())
         self._linear_input_rank: Dict[str, int] = {}
-        # numel of every node with a tensor value in the abs-pow network (set by the input-shape check)
-        self._tensor_nodes: Dict[torch.fx.Node, int] = {}
+        self._tensor_nodes: Set[torch.fx.Node] = set()  # nodes with tensor values (set by the input-shape check)
         self._param_names: Dict[Tuple[str, str], str] = {}
         self._validate()
         self.input_shape = self._resolve_input_shape(input_shape)
@@ -537,7 +536,7 @@ class GeneralGraph:
                 return result
         result.total = sum(o.sum() for o in out_nodes)
         if record_ranks:
-            self._tensor_nodes = {n: v.numel() for n, v in env.items() if isinstance(v, Tensor)}
+            self._tensor_nodes = {n for n, v in env.items() if isinstance(v, Tensor)}
         if need_grads and not differentiable:
             self._backward(result, result.total, None, leaves, dense_inputs, records)
         return result

@@ -31,11 +31,6 @@ from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY
 
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 
-# A convolution this small (multiply-adds, batch 1) runs faster on one intra-op thread: waking a
-# second one costs more than it saves (measured on 2 cores: 1.2e5 MACs 10 us on one thread, 21 us
-# on two; break-even near 1e6). Larger layers keep every thread.
-_ONE_THREAD_MACS = 1 << 20
-
 # Forward plan codes
 _INPUT, _ALIAS, _LAYER, _SUMPOOL, _FLATTEN, _OTHER = range(6)
 # Backward rule codes
@@ -64,7 +59,6 @@ class TapedEvaluation:
             if node is stop:
                 break
         self.tape.reverse()
-        self.all_small = all(entry[2][-1] for entry in self.plan if entry[1] == _LAYER)
         # |w|^p leaves: every parameter of the evaluated part (the dense head's are not)
         self.skip = graph._head_names if stop is not None else frozenset()
 
@@ -77,8 +71,7 @@ class TapedEvaluation:
             m = g.modules[node.target]
             if isinstance(m, _WEIGHTED):
                 bias = g.param_name(node.target, "bias") if m.bias is not None else None
-                return node, _LAYER, (node.args[0], g.param_name(node.target, "weight"), bias, *layer_call(m),
-                                      self._small(node, m))
+                return node, _LAYER, (node.args[0], g.param_name(node.target, "weight"), bias, *layer_call(m))
             if isinstance(m, _IDENTITY_MODULES):
                 return node, _ALIAS, node.args[0]
             if isinstance(m, nn.Flatten):
@@ -91,10 +84,6 @@ class TapedEvaluation:
         elif node.op == "call_function" and node.target in _POOL_FUNCTIONS and _POOL_FUNCTIONS[node.target][0] == "max":
             return node, _SUMPOOL, (node.args[0], *self._sum_pool_args(*_function_pool_args(node)[1:]))
         return node, _OTHER, None
-
-    def _small(self, node: torch.fx.Node, m: nn.Module) -> bool:
-        """Is the layer small enough for one intra-op thread (output elements x fan-in)?"""
-        return self.graph._tensor_nodes[node] * (m.weight.numel() // m.weight.shape[0]) < _ONE_THREAD_MACS
 
     @staticmethod
     def _sum_pool_args(nd: int, args: Dict[str, Any]) -> Tuple[int, Tuple, bool]:
@@ -111,7 +100,7 @@ class TapedEvaluation:
             if isinstance(m, _WEIGHTED):
                 names = (g.param_name(node.target, "weight"),
                          g.param_name(node.target, "bias") if m.bias is not None else None)
-                return _V_LAYER, (x, m, *names, self._small(node, m))
+                return _V_LAYER, (x, m, *names)
             if isinstance(m, _IDENTITY_MODULES):
                 return _V_ALIAS, (x,)
             if isinstance(m, _SHAPE_MODULES):
@@ -145,14 +134,9 @@ class TapedEvaluation:
         device = next(iter(g.weighted.values())).weight.device
         result = AbsNetResult()
         leaves: Dict[str, Tensor] = {}
-        # Small layers run on one intra-op thread, and so does all of a network of small layers
-        # (pools, casts, ...); not while torch.compile traces (no graph break).
-        threads = torch.get_num_threads() if not torch.compiler.is_compiling() else 1
-        base = 1 if self.all_small else threads
         with torch.no_grad():
-            with _threads(base, threads):
-                g.abs_pow_leaves(leaves, p, frozenset(), device, self.skip, requires_grad=False)
-                env = self._forward(p, leaves, device, threads, base)
+            g.abs_pow_leaves(leaves, p, frozenset(), device, self.skip, requires_grad=False)
+            env = self._forward(p, leaves, device)
             if self.stop is not None:
                 x = result.head_input = env[self.stop]
                 seeds = {self.stop: head_gamma(x).reshape(x.shape)}
@@ -163,15 +147,13 @@ class TapedEvaluation:
                     outputs.append(env[n]),
                     seeds.__setitem__(n, seeds[n] + 1 if n in seeds else torch.ones_like(env[n]))))
                 result.total = sum(o.sum() for o in outputs)
-            with _threads(base, threads):
-                self._backward(p, env, leaves, seeds, result.kappas, threads, base)
+            self._backward(p, env, leaves, seeds, result.kappas)
         for name, t in leaves.items():
             if name not in result.kappas:  # a parameter no output depends on
                 result.kappas[name] = torch.zeros_like(t)
         return result
 
-    def _forward(self, p: float, leaves: Dict[str, Tensor], device: torch.device,
-                 threads: int, base: int) -> Dict[torch.fx.Node, Any]:
+    def _forward(self, p: float, leaves: Dict[str, Tensor], device: torch.device) -> Dict[torch.fx.Node, Any]:
         g = self.graph
         env: Dict[torch.fx.Node, Any] = {}
 
@@ -182,11 +164,10 @@ class TapedEvaluation:
             if code == _ALIAS:
                 env[node] = env[data]
             elif code == _LAYER:
-                src, weight, bias, fn, geometry, small = data
+                src, weight, bias, fn, geometry = data
                 x = env[src]
-                with _threads(1 if small else threads, base):
-                    env[node] = fn(x if x.device == device else x.to(device), leaves[weight],
-                                   leaves[bias] if bias is not None else None, *geometry)
+                env[node] = fn(x if x.device == device else x.to(device), leaves[weight],
+                               leaves[bias] if bias is not None else None, *geometry)
             elif code == _SUMPOOL:
                 env[node] = sum_pool(env[data[0]], *data[1:])
             elif code == _FLATTEN:
@@ -198,7 +179,7 @@ class TapedEvaluation:
         return env
 
     def _backward(self, p: float, env: Dict[torch.fx.Node, Any], leaves: Dict[str, Tensor],
-                  seeds: Dict[torch.fx.Node, Tensor], kappas: Dict[str, Tensor], threads: int, base: int) -> None:
+                  seeds: Dict[torch.fx.Node, Tensor], kappas: Dict[str, Tensor]) -> None:
         grads = dict(seeds)
 
         def push(node: torch.fx.Node, grad: Tensor) -> None:
@@ -209,9 +190,8 @@ class TapedEvaluation:
             if gy is None:
                 continue
             if rule == _V_LAYER:
-                src, m, weight, bias, small = data
-                with _threads(1 if small else threads, base):
-                    gx = self._layer_vjp(m, gy, env[src], leaves[weight], bias is not None, self.needs[src])
+                src, m, weight, bias = data
+                gx = self._layer_vjp(m, gy, env[src], leaves[weight], bias is not None, self.needs[src])
                 for name, grad in zip((weight, bias), gx[1:]):
                     if name is not None:  # a module called twice (shared weights) sums over its edges
                         kappas[name] = kappas[name] + grad if name in kappas else grad
@@ -257,19 +237,3 @@ class TapedEvaluation:
             out = self.graph._constant_node(node, lambda a: torch.fx.node.map_arg(a, local.__getitem__), p)
             grads = torch.autograd.grad(out, [local[n] for n in sources], gy, allow_unused=True)
         return [(n, grad) for n, grad in zip(sources, grads) if grad is not None]
-
-
-class _threads:
-    """``torch.set_num_threads(n)`` for a block, ``restore`` afterwards (a no-op when equal)."""
-    __slots__ = ("n", "restore")
-
-    def __init__(self, n: int, restore: int) -> None:
-        self.n, self.restore = n, restore
-
-    def __enter__(self) -> None:
-        if self.n != self.restore:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.n != self.restore:
-            torch.set_num_threads(self.restore)
