@@ -448,14 +448,15 @@ class GeneralGraph:
 
     # ---- the abs-pow network ---------------------------------------------------------------------------------
     def evaluate(self, p: float, fused: frozenset, differentiable: bool = False,
-                 need_grads: bool = True, record_ranks: bool = False) -> AbsNetResult:
+                 need_grads: bool = True, record_ranks: bool = False, taped: bool = True) -> AbsNetResult:
         """Run the abs-pow network; with ``need_grads`` also backpropagate ``sum(outputs)``.
 
         ``fused`` names Linear modules whose kappa is not materialized: their input
         gamma and output gamma (``d total / d output``) are returned instead.
         ``differentiable`` keeps the graph to the real parameters (for path_norm).
+        ``taped=False`` backpropagates with autograd even where the VJP tape applies.
         """
-        if need_grads and not differentiable and not record_ranks and self._can_tape(fused):
+        if taped and need_grads and not differentiable and not record_ranks and self._can_tape(fused):
             return self._taped(None).run(p)
         with torch.set_grad_enabled(need_grads or differentiable):
             return self._evaluate(p, fused, differentiable, need_grads, record_ranks)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -150,7 +149,9 @@ class PathSGD(Optimizer):
     def _collect_updates(self) -> Dict[Tensor, "ParamUpdate"]:
         """Every parameter to update this step; raises (changing nothing) on bad input."""
         updates: Dict[Tensor, ParamUpdate] = {}
+        state = self.state
         for group in self.param_groups:
+            momentum = group["momentum"]
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -166,7 +167,8 @@ class PathSGD(Optimizer):
                     raise RuntimeError(f"gradient of '{self.param_name(param)}' ({tuple(grad.shape)}, {grad.dtype}, "
                                        f"{grad.device}) does not match the parameter ({tuple(param.shape)}, "
                                        f"{param.dtype}, {param.device})")
-                buffer = self.state[param].get("momentum_buffer") if param in self.state and group["momentum"] != 0 else None
+                param_state = state.get(param) if momentum != 0 else None
+                buffer = param_state.get("momentum_buffer") if param_state else None
                 updates[param] = ParamUpdate(param, grad, group, buffer)
         if updates and self.check_finite:
             for name, param in self.graph.named_parameters().items():
@@ -192,18 +194,15 @@ class PathSGD(Optimizer):
         return loss
 
 
-@dataclass
 class ParamUpdate:
     """One parameter's update this step; ``buffer`` is None until momentum first runs."""
-    param: Tensor
-    grad: Tensor
-    group: Dict[str, Any]
-    buffer: Optional[Tensor]
-    first_step: bool = False
+    __slots__ = ("param", "grad", "group", "buffer", "first_step", "p", "_hyper")
 
-    @property
-    def p(self) -> float:
-        return self.group["p"]
+    def __init__(self, param: Tensor, grad: Tensor, group: Dict[str, Any], buffer: Optional[Tensor]) -> None:
+        self.param, self.grad, self.group, self.buffer = param, grad, group, buffer
+        self.first_step = False
+        self.p: float = group["p"]
+        self._hyper: Optional[Dict[str, Any]] = None
 
     def prepare_buffer(self) -> Optional[Tensor]:
         """The momentum buffer to pass to a kernel (allocated, uninitialized, on the first step)."""
@@ -215,14 +214,18 @@ class ParamUpdate:
         return self.buffer
 
     def hyper(self) -> Dict[str, Any]:
-        """Hyper-parameter keyword arguments of the pathsgd ops."""
+        """Hyper-parameter keyword arguments of the pathsgd ops (built once the buffer is prepared)."""
+        if self._hyper is not None and self._hyper["first_step"] == self.first_step:
+            return self._hyper
         g = self.group
         lr = g["lr"]
         lo, hi = g["clamp"] if g["clamp"] is not None else (None, None)
-        return dict(p=float(g["p"]), lr=0.0 if isinstance(lr, Tensor) else float(lr), momentum=float(g["momentum"]),
-                    dampening=float(g["dampening"]), weight_decay=float(g["weight_decay"]),
-                    nesterov=bool(g["nesterov"]), maximize=bool(g["maximize"]), first_step=self.first_step,
-                    eps=float(g["eps"]), clamp_min=lo, clamp_max=hi, lr_tensor=lr if isinstance(lr, Tensor) else None)
+        self._hyper = dict(p=float(g["p"]), lr=0.0 if isinstance(lr, Tensor) else float(lr),
+                           momentum=float(g["momentum"]), dampening=float(g["dampening"]),
+                           weight_decay=float(g["weight_decay"]), nesterov=bool(g["nesterov"]),
+                           maximize=bool(g["maximize"]), first_step=self.first_step, eps=float(g["eps"]),
+                           clamp_min=lo, clamp_max=hi, lr_tensor=lr if isinstance(lr, Tensor) else None)
+        return self._hyper
 
 
 def _on(gamma: LogScaled, weight: Tensor) -> LogScaled:
