@@ -234,6 +234,33 @@ def run(rounds: int = 30, block_s: float = 0.1, warmup: int = 10, threads: int |
     return result
 
 
+def suite_part(rounds: int, block_s: float, repeats: int, threads: int | None = None) -> Dict[str, Any]:
+    """``repeats`` independent runs (fresh models each), for the benchmark suite: the train-step
+    ratio is close to the target, so its spread over runs is reported, not one draw."""
+    runs = [run(rounds=rounds, block_s=block_s, threads=threads) for _ in range(repeats)]
+    ratios = [r["train_step_ratio"] for r in runs]
+    return {"runs": runs, "repeats": repeats, "train_step_ratios": ratios,
+            "train_step_ratio_median": statistics.median(ratios), "train_step_ratio_min": min(ratios),
+            "train_step_ratio_max": max(ratios), "target_max_ratio": TARGET_RATIO,
+            "target_met": statistics.median(ratios) <= TARGET_RATIO, "model": runs[0]["model"],
+            "batch": BATCH, "threads": runs[0]["threads"], "data": runs[0]["data"]}
+
+
+def markdown(part: Dict[str, Any]) -> str:
+    """The suite report's table: every run's medians, then the ratios."""
+    ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
+    head = "| run | SGD train step ms | PathSGD train step ms | ratio (paired) | SGD step ms | PathSGD step ms | " \
+           "conv trunk kappas ms |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for i, r in enumerate(part["runs"]):
+        tr, st = r["train_step"], r["optimizer_step"]
+        lines.append(f"| {i + 1} | {ms(tr['sgd_foreach']['median_s'])} | {ms(tr['pathsgd']['median_s'])} | "
+                     f"{r['train_step_ratio']:.3f}x ({r['train_step_paired_ratio_median']:.3f}x) | "
+                     f"{ms(st['sgd_foreach']['median_s'])} | {ms(st['pathsgd']['median_s'])} | "
+                     f"{ms(r['path_scales'][TRUNK_ROW]['median_s'])} |")
+    return "\n".join(lines)
+
+
 def table(result: Dict[str, Any]) -> str:
     ms = lambda s: f"{s * 1e3:.3f}"  # noqa: E731
     rows = []

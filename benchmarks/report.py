@@ -53,6 +53,12 @@ def _headline(results: Dict[str, Any]) -> List[str]:
             lines.append(f"- PathSGD is **{st['pathsgd_speedup_vs_naive']:.1f}x** faster than the naive authors'-style "
                          f"implementation (target >= {st['speedup_target_min']}x: "
                          f"{'met' if st['speedup_target_met'] else 'NOT met'})")
+    cnn = parts.get("cnn_step")
+    if cnn:
+        lines.append(f"- Training step of a small CNN (MNIST-1D, batch {cnn['batch']}, CPU): PathSGD / torch SGD "
+                     f"(foreach) = **{cnn['train_step_ratio_median']:.3f}x** (median of {cnn['repeats']} runs, range "
+                     f"{cnn['train_step_ratio_min']:.3f}x to {cnn['train_step_ratio_max']:.3f}x; target <= "
+                     f"{cnn['target_max_ratio']}: {'met' if cnn['target_met'] else 'NOT met'})")
     for h in parts.get("memory", {}).get("headline", []):
         lines.append(f"- Peak memory of a training step, MLP {h['sizes']}, momentum {h['momentum']}: PathSGD - torch SGD "
                      f"(foreach) = {common.fmt_bytes(h['pathsgd_over_sgd_bytes'])} = "
@@ -122,6 +128,16 @@ def write_report(results: Dict[str, Any], out: str) -> str:
                "ratio is to torch SGD (foreach) timed in that same subprocess. The naive baseline is "
                "`benchmarks/baselines.py` (deep copy, |w|^p, forward ones, backward, divide, torch SGD).", "",
                step_time.markdown(st), "", "![step time](step_time.png)"]
+    if "cnn_step" in parts:
+        from . import cnn_step
+        cnn = parts["cnn_step"]
+        md += ["", "## 2b. Conv net training step", "",
+               f"{cnn['model']}, float32, batch {cnn['batch']}, CPU, {cnn['threads']} threads, momentum 0.9, data: "
+               f"{cnn['data']}. Whole training step (`zero_grad`, forward, cross-entropy, backward, `step`) and "
+               "`optimizer.step()` alone, PathSGD and torch SGD (foreach) interleaved in the same process "
+               "(`benchmarks/cnn_step.py`: medians over rounds of `Timer.timeit` blocks; the paired ratio is the "
+               "median of per-round ratios); *conv trunk kappas* is the abs-pow network evaluation a PathSGD step "
+               f"runs for the convolutions. {cnn['repeats']} independent runs:", "", cnn_step.markdown(cnn)]
     if "scaling" in parts:
         from . import scaling
         sc = parts["scaling"]

@@ -3,7 +3,7 @@
     python -m benchmarks.run            # default: CPU, < 15 minutes on 2 cores
     python -m benchmarks.run --quick    # about a minute: CI smoke test
     python -m benchmarks.run --full     # GPUs: larger sizes, more seeds; device cuda when available
-    options: --out DIR, --parts step_time,scaling,memory,convergence, --device cpu|cuda,
+    options: --out DIR, --parts step_time,cnn_step,scaling,memory,convergence, --device cpu|cuda,
              --threads N (torch threads for the timing parts; default: all cores), --workers N
 
 Writes ``benchmarks/results/<machine>-<date>[-quick|-full]/`` (or ``--out``): ``report.md``
@@ -25,11 +25,12 @@ import torch
 
 from . import common
 
-PARTS = ["step_time", "scaling", "memory", "convergence"]
+PARTS = ["step_time", "cnn_step", "scaling", "memory", "convergence"]
 
 MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "quick": {
         "step_time": {"sizes": ["784-2048-2048-10"], "momenta": [0.9], "min_run_time": 0.1, "rounds": 2, "warmup": 2},
+        "cnn_step": {"rounds": 5, "block_s": 0.05, "repeats": 1},
         "scaling": {"widths": [128, 256, 512, 1024, 2048], "min_run_time": 0.05, "rounds": 2, "warmup": 2},
         "memory": {"sizes": ["784-2048-2048-10"], "momenta": [0.9], "optimizers": ["sgd_foreach", "pathsgd", "naive"],
                    "warmup": 2, "repeats": 3, "processes": 1},
@@ -39,6 +40,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10"], "momenta": [0.0, 0.9],
                       "min_run_time": 0.2, "rounds": 5, "warmup": 3,
                       "headline_repeats": 3},
+        "cnn_step": {"rounds": 30, "block_s": 0.1, "repeats": 3},
         "scaling": {"widths": [256, 512, 1024, 2048, 4096], "min_run_time": 0.1, "rounds": 5, "warmup": 3},
         "memory": {"sizes": ["784-2048-2048-10", "3072-4000-4000-10"], "momenta": [0.0, 0.9],
                    "optimizers": ["sgd_forloop", "sgd_foreach", "pathsgd", "pathsgd_reference", "naive"],
@@ -49,6 +51,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"],
                       "momenta": [0.0, 0.9], "min_run_time": 0.5, "rounds": 5, "warmup": 5,
                       "headline_repeats": 3},
+        "cnn_step": {"rounds": 30, "block_s": 0.1, "repeats": 3},
         "scaling": {"widths": [256, 512, 1024, 2048, 4096, 8192, 16384], "min_run_time": 0.5, "rounds": 3,
                     "warmup": 5},
         "memory": {"sizes": ["784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"], "momenta": [0.0, 0.9],
@@ -143,6 +146,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                                   progress=bar, headline_repeats=c.get("headline_repeats", 0))
             step_time.plot(r, os.path.join(out, "step_time.png"))
             print(step_time.text(r), file=sys.stderr)
+        elif part == "cnn_step":  # CPU: the MNIST-1D CNN training step (issue 5)
+            from . import cnn_step
+            r = cnn_step.suite_part(c["rounds"], c["block_s"], c["repeats"], threads)
+            print(cnn_step.markdown(r), file=sys.stderr)
         elif part == "scaling":
             from . import scaling
             with tqdm(total=len(c["widths"]), desc="scaling", unit="width") as bar:

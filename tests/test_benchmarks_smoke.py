@@ -72,7 +72,10 @@ def test_benchmark_suite_quick(tmp_path):
     for name in ("report.md", "results.json", "step_time.png", "scaling.png", "memory.png", "convergence.png"):
         assert (tmp_path / name).is_file(), name
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["parts"]) == {"step_time", "scaling", "memory", "convergence"}
+    assert set(results["parts"]) == {"step_time", "cnn_step", "scaling", "memory", "convergence"}
+    cnn = results["parts"]["cnn_step"]
+    assert len(cnn["runs"]) == 1 and cnn["train_step_ratio_median"] > 1.0  # PathSGD does strictly more work
+    assert "Conv net training step" in (tmp_path / "report.md").read_text()
     assert results["machine"]["torch_version"] == torch.__version__
     headline = results["parts"]["step_time"]["headline"]
     assert headline["pathsgd_over_sgd_foreach"] > 0
