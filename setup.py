@@ -9,6 +9,7 @@ so the extension is compiled against the torch already installed.
 """
 import glob
 import os
+import sys
 import platform
 
 from setuptools import find_packages, setup
@@ -65,6 +66,15 @@ def _cpu_simd_flags() -> list:
     return []
 
 
+def _openmp_flags() -> list:
+    """at::parallel_for is an inline template (ATen/ParallelOpenMP.h): compiled without -fopenmp,
+    the extension's CPU kernels run on one thread although torch itself uses OpenMP. Linking
+    -fopenmp reuses the libgomp that torch has loaded (same soname)."""
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _write_build_info(with_cuda: bool) -> None:
     # Read by pathsgd at import to detect a torch upgrade after the build.
     with open(os.path.join(HERE, "pathsgd", "_build_info.py"), "w") as f:
@@ -79,9 +89,10 @@ def extensions():
     _write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-fdiagnostics-color=always"] + _cpu_simd_flags()
+    omp = _openmp_flags()
+    cxx = opt + ["-fdiagnostics-color=always"] + _cpu_simd_flags() + omp
     if not with_cuda:
-        return [CppExtension("pathsgd._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("pathsgd._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp)]
     if not torch.cuda.is_available() and not os.getenv("TORCH_CUDA_ARCH_LIST"):
         # No GPU to ask: build for A100 and H100 (and PTX for newer chips).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
@@ -92,6 +103,7 @@ def extensions():
             "pathsgd._C",
             sources,
             extra_compile_args={"cxx": cxx + ["-DPATHSGD_WITH_CUDA"], "nvcc": nvcc + ["-DPATHSGD_WITH_CUDA"]},
+            extra_link_args=omp,
         )
     ]
 

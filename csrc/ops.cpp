@@ -8,7 +8,18 @@ extern "C" {
 // Importing pathsgd._C runs the static TORCH_LIBRARY initializers below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // Whether at::parallel_for in the CPU kernels can use threads (built with -fopenmp).
+#ifdef _OPENMP
+  const long with_openmp = 1;
+#else
+  const long with_openmp = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_OPENMP", with_openmp) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

@@ -21,6 +21,9 @@ def report() -> str:
     except ImportError:
         lines.append("built against (no build info: the extension was never built here)")
     lines.append(f"extension     {'loaded' if ops.compiled_available() else 'NOT loaded: ' + str(ops._UNAVAILABLE_REASON)}")
+    if ops.compiled_available():
+        from . import _C
+        lines.append(f"CPU kernels   {'OpenMP, ' + str(torch.get_num_threads()) + ' threads' if _C.WITH_OPENMP else 'one thread (built without OpenMP)'}")
     for device_type in ("cpu", "cuda"):
         reason = ops.unavailable_reason(device_type)
         lines.append(f"backend {device_type:5} {ops.backend_for(device_type)}" + (f" ({reason})" if reason else ""))

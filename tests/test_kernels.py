@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -605,6 +606,15 @@ def test_deterministic_runs_and_thread_counts(dtype):
         assert torch.equal(a, b), f"output {k} differs between two identical runs"
         assert torch.equal(a, c), (f"output {k} differs between 2 threads and 1 thread "
                                    f"(max diff {float((a.double() - c.double()).abs().max())})")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not torch.backends.openmp.is_available(),
+                    reason="OpenMP builds: Linux with an OpenMP torch")
+def test_cpu_kernels_built_with_openmp():
+    """at::parallel_for is inline: without -fopenmp the extension's kernels would run on one
+    thread (and the thread-count determinism tests above would pass vacuously)."""
+    from pathsgd import _C
+    assert _C.WITH_OPENMP == 1
 
 
 def test_deterministic_thread_counts_odd_split():

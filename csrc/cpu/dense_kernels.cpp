@@ -1,5 +1,6 @@
 // CPU kernels for dense (nn.Linear) layers: the forward gamma pass and the
 // fused backward pass that accumulates gamma_out and applies the update.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -158,11 +159,11 @@ struct KappaPowFactors {
   }
 };
 
-// One column block [j0, j1) of the fused pass, walking all rows in order so each
-// column of gamma_out_prev is summed in a fixed order whatever the thread count.
+// One block (rows [i0, i1), columns [j0, j1)) of the fused pass: y[j] = sum over the
+// block's rows, in row order, of |W_ij|^p gamma_out_i, and the update of the block.
 // kKind and kV are compile-time so the inner loop has no per-vector branches.
 template <typename scalar_t, bool kUpdate, PowKind kKind, SgdVariant kV>
-void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
+void dense_block(int64_t i0, int64_t i1, int64_t cols, int64_t j0, int64_t j1, scalar_t* W, const scalar_t* G,
                         scalar_t* B, const at::opmath_type<scalar_t>* gout,
                         const KappaPowFactors<at::opmath_type<scalar_t>>* kappa, at::opmath_type<scalar_t>* y,
                         at::opmath_type<scalar_t> p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
@@ -179,7 +180,7 @@ void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scal
     for (int64_t j = j0; j < j1; ++j) max_inv_col = std::max(max_inv_col, kappa->inv_col[j]);
   }
   for (int64_t j = j0; j < j1; ++j) y[j] = opmath_t(0);
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     scalar_t* w = W + i * cols;
     const scalar_t* g = kUpdate ? G + i * cols : nullptr;
     scalar_t* b = (kUpdate && h.has_momentum) ? B + i * cols : nullptr;
@@ -222,6 +223,15 @@ void dense_column_block(int64_t rows, int64_t cols, int64_t j0, int64_t j1, scal
       }
     }
   }
+}
+
+// Row blocks of the fused pass: about kElementGrain elements each, at most kMaxRowBlocks
+// (the partial sums take blocks x cols floats: O(neurons)).
+constexpr int64_t kMaxRowBlocks = 16;
+
+int64_t row_block_count(int64_t rows, int64_t cols) {
+  const int64_t by_size = (rows * cols + kElementGrain - 1) / kElementGrain;
+  return std::max<int64_t>(1, std::min({by_size, kMaxRowBlocks, rows}));
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
@@ -275,15 +285,30 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
       scalar_t* B = use_buffer ? momentum_buffer->mutable_data_ptr<scalar_t>() : nullptr;
       opmath_t* Y = y.mutable_data_ptr<opmath_t>();
       const opmath_t pp = static_cast<opmath_t>(p);
-      // Column blocks: each thread owns whole columns, so there is no cross-thread
-      // reduction (row blocks with per-block partial sums measured slower on CPU).
-      const int64_t grain = std::max<int64_t>(64, kElementGrain / std::max<int64_t>(rows, 1));
+      // Row blocks, each streaming its rows of W (and grad, buffer) front to back into its
+      // own partial column sums; the partials are then added in block order. The blocks
+      // depend only on the shape, so the sums do not depend on the thread count.
+      const int64_t blocks = row_block_count(rows, cols);
+      const int64_t block_rows = (rows + blocks - 1) / blocks;
+      std::vector<opmath_t> partial(blocks > 1 ? blocks * cols : 0);
       dispatch_pow_kind(pow_kind(p), [&](auto kind) {
         const auto run = [&](auto update_tag, auto variant) {
-          at::parallel_for(0, cols, grain, [&](int64_t j0, int64_t j1) {
-            dense_column_block<scalar_t, decltype(update_tag)::value, kind.value, variant.value>(
-                rows, cols, j0, j1, W, G, B, go, update ? &*kappa : nullptr, Y, pp, h);
+          at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) {
+              dense_block<scalar_t, decltype(update_tag)::value, kind.value, variant.value>(
+                  b * block_rows, std::min(rows, (b + 1) * block_rows), cols, 0, cols, W, G, B, go,
+                  update ? &*kappa : nullptr, blocks > 1 ? partial.data() + b * cols : Y, pp, h);
+            }
           });
+          if (blocks > 1) {
+            at::parallel_for(0, cols, kElementGrain, [&](int64_t j0, int64_t j1) {
+              for (int64_t j = j0; j < j1; ++j) {
+                opmath_t sum = partial[j];
+                for (int64_t b = 1; b < blocks; ++b) sum += partial[b * cols + j];
+                Y[j] = sum;
+              }
+            });
+          }
         };
         if (!update) return run(std::false_type{}, std::integral_constant<SgdVariant, SgdVariant::kAll>{});
         dispatch_sgd_variant(h, [&](auto variant) { run(std::true_type{}, variant); });
