@@ -554,7 +554,7 @@ class GeneralGraph:
         return self._tapes[stop]
 
     def abs_pow_leaves(self, leaves: Dict[str, Tensor], p: float, fused: frozenset, device: torch.device,
-                       skip: frozenset, requires_grad: bool = True) -> None:
+                       skip: frozenset) -> None:
         """``|w|^p`` in float64 of every parameter the evaluation reads as a tensor (not the
         weights of ``fused`` layers nor the modules in ``skip``), as autograd leaves, in one batch."""
         names, tensors = [], []
@@ -572,7 +572,7 @@ class GeneralGraph:
         with torch.no_grad():
             values = abs_pow_list([t.to(device=device, dtype=torch.float64) for t in tensors], p)
         for name, v in zip(names, values):
-            leaves[name] = v.requires_grad_(True) if requires_grad else v
+            leaves[name] = v.requires_grad_(True)
 
     def _backward(self, result: AbsNetResult, output: Tensor, grad_output: Optional[Tensor],
                   leaves: Dict[str, Tensor], dense_inputs: List[Tensor], records: Dict[str, Dict[str, Any]]) -> None:

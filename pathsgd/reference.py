@@ -43,6 +43,16 @@ def abs_pow_list(ws: List[Tensor], p: float) -> List[Tensor]:
     return out
 
 
+def abs_pow_list_(ws: List[Tensor], p: float) -> None:
+    """``w <- |w|^p`` for every ``w`` in ``ws``, in place, with one foreach op per list."""
+    if p == 2:
+        torch._foreach_mul_(ws, ws)
+        return
+    torch._foreach_abs_(ws)
+    if p != 1:
+        torch._foreach_pow_(ws, p)
+
+
 def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2] (addend float64).
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY_MODULES, _MAXPOOL, _MUL,
                   _POOL_FUNCTIONS, _RESHAPE_METHODS, _SHAPE_MODULES, _WEIGHTED, AbsNetResult, _constant_factor,
                   _function_pool_args, _module_pool_args, _sum_pool_args, layer_call, sum_pool, sum_pool_vjp)
+from .reference import abs_pow_list_
 
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 
@@ -60,7 +61,18 @@ class TapedEvaluation:
                 break
         self.tape.reverse()
         # |w|^p leaves: every parameter of the evaluated part (the dense head's are not)
-        self.skip = graph._head_names if stop is not None else frozenset()
+        skip = graph._head_names if stop is not None else frozenset()
+        self.leaf_names: List[str] = []
+        self.leaf_sources: List[Tuple[nn.Module, str]] = []
+        for name, m in graph.weighted.items():
+            if name not in skip:
+                for kind in ("weight", "bias") if m.bias is not None else ("weight",):
+                    self.leaf_names.append(graph.param_name(name, kind))
+                    self.leaf_sources.append((m, kind))
+        # Per-step scratch reused across steps (no values carried over): float64 copies of the
+        # parameters that become |w|^p in place, and the all-ones input, keyed by device.
+        self._leaf_buffers: Dict[torch.device, List[Tensor]] = {}
+        self._ones: Dict[torch.device, Tensor] = {}
 
     # ---- compile -------------------------------------------------------------------------------------------
     def _plan_entry(self, node: torch.fx.Node) -> Tuple[torch.fx.Node, int, Any]:
@@ -133,9 +145,8 @@ class TapedEvaluation:
         g = self.graph
         device = next(iter(g.weighted.values())).weight.device
         result = AbsNetResult()
-        leaves: Dict[str, Tensor] = {}
         with torch.no_grad():
-            g.abs_pow_leaves(leaves, p, frozenset(), device, self.skip, requires_grad=False)
+            leaves = self._abs_pow_leaves(p, device)
             env = self._forward(p, leaves, device)
             if self.stop is not None:
                 x = result.head_input = env[self.stop]
@@ -152,6 +163,27 @@ class TapedEvaluation:
             if name not in result.kappas:  # a parameter no output depends on
                 result.kappas[name] = torch.zeros_like(t)
         return result
+
+    def _abs_pow_leaves(self, p: float, device: torch.device) -> Dict[str, Tensor]:
+        """``{name: |w|^p}`` in float64 for the evaluated part's parameters: one multi-tensor
+        copy of the current parameters (read from their modules on every call) into reused
+        buffers, then an in-place power."""
+        sources = [getattr(m, kind) for m, kind in self.leaf_sources]
+        buffers = self._leaf_buffers.get(device)
+        if buffers is None or any(b.shape != t.shape for b, t in zip(buffers, sources)):
+            buffers = self._leaf_buffers[device] = [torch.empty(t.shape, dtype=torch.float64, device=device)
+                                                    for t in sources]
+        if buffers:
+            torch._foreach_copy_(buffers, sources)
+            abs_pow_list_(buffers, p)
+        return dict(zip(self.leaf_names, buffers))
+
+    def _ones_input(self, device: torch.device) -> Tensor:
+        """The abs-pow network's all-ones input (read-only: the plan never writes to it)."""
+        ones = self._ones.get(device)
+        if ones is None:
+            ones = self._ones[device] = torch.ones((1,) + self.graph.input_shape, dtype=torch.float64, device=device)
+        return ones
 
     def _forward(self, p: float, leaves: Dict[str, Tensor], device: torch.device) -> Dict[torch.fx.Node, Any]:
         g = self.graph
@@ -173,7 +205,7 @@ class TapedEvaluation:
             elif code == _FLATTEN:
                 env[node] = env[data[0]].flatten(*data[1:])
             elif code == _INPUT:
-                env[node] = torch.ones((1,) + g.input_shape, dtype=torch.float64, device=device)
+                env[node] = self._ones_input(device)
             else:
                 env[node] = g._constant_node(node, val, p)
         return env

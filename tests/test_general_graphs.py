@@ -898,6 +898,31 @@ def test_sgd_parity_float32_conv():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_taped_evaluation_reads_current_parameters():
+    """The tape reuses its float64 |w|^p buffers across calls: every call must see the weights
+    as they are then (changed in place, replaced by a new Parameter, resized), never old values."""
+    model = make_net(ResidualNet, seed=9)
+    graph = pathsgd.PathSGD(model, lr=1e-2, input_shape=ResidualNet.input_shape).graph
+    fresh = lambda: pathsgd.path_scales(model, p=2, input_shape=ResidualNet.input_shape)  # noqa: E731
+    changes = [lambda: model.conv1.weight.mul_(1.7),
+               lambda: setattr(model.stem, "bias", nn.Parameter(torch.rand(2, dtype=torch.float64))),
+               lambda: setattr(model.conv2, "weight", nn.Parameter(model.conv2.weight.detach() * 0.3))]
+    for change in [lambda: None] + changes:
+        with torch.no_grad():
+            change()
+        got = graph.evaluate(2.0, frozenset()).kappas
+        for name, want in fresh().items():
+            torch.testing.assert_close(got[name], want, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
+    # The reused buffers never leak out as kappas (a later call must not change earlier results).
+    first = {k: v.clone() for k, v in graph.evaluate(2.0, frozenset()).kappas.items()}
+    kept = graph.evaluate(2.0, frozenset()).kappas
+    with torch.no_grad():
+        model.conv1.weight.mul_(2.0)
+    graph.evaluate(2.0, frozenset())
+    for name, value in first.items():
+        torch.testing.assert_close(kept[name], value, rtol=0, atol=0)
+
+
 # ================================================================================================================
 # 5. Linear inside a DAG: fused dense kernel (called once) and materialized kappa (called twice)
 # ================================================================================================================
