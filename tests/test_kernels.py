@@ -381,6 +381,29 @@ def test_fused_kappa_in_range_with_spread_gamma(dtype, p):
                                    msg=lambda m: f"{name}: update differs from the definition: {m}")
 
 
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 3001), (3001, 1), (7, 900)], ids=str)
+@pytest.mark.parametrize("spread", ["plain", "wide-float64"])
+def test_fused_kappa_factor_paths(shape, spread, p):
+    """The CPU kernel builds kappa^(2/p) = row_i * col_j from gamma^(2/p) times constants in
+    double, or from per-element logs when gamma^(2/p) would leave the double range (float64
+    gammas spanning 1e-250..1); both must give the definition's update, on wide and tall layers."""
+    rows, cols = shape
+    dtype = torch.float32 if spread == "plain" else torch.float64
+    case = dense_case(rows, cols, dtype, seed=12)
+    if spread == "wide-float64":
+        gen = _gen(13)
+        case["gamma_in"] = torch.logspace(-250, 0, cols, dtype=torch.float64)[torch.randperm(cols, generator=gen)]
+        case["gamma_out"] = torch.logspace(-200, 0.2, rows, dtype=torch.float64)
+    hyper = dict(HYPER_DEFAULT, weight_decay=0.0)
+    w_k, _, _, _ = assert_fused_match(case, p, hyper)
+    kappa_pow = (torch.outer(case["gamma_out"].double(), case["gamma_in"].double())).pow(2.0 / p)
+    want, _ = expected_sgd(case["weight"], case["grad"], case["buffer"], kappa_pow, hyper)
+    # float32: w - lr * d is rounded to float32 (cancellation where lr * d ~ w)
+    torch.testing.assert_close(w_k.double(), want, rtol=1e-10 if dtype == torch.float64 else 1e-5,
+                               atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
 def test_fused_zero_gamma_uses_eps():
     """A dead unit (gamma 0) gives kappa 0: the scale is clamped to eps, no inf/NaN."""
     for dtype in (torch.float32, torch.float64):

@@ -114,6 +114,21 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, c
   return {out, at::scalar_tensor(out_log_scale, gamma_in_log_scale.options())};
 }
 
+// x^e in double for e = 2/p: exact products for p = 2 and p = 1, std::pow otherwise.
+inline double pow_e(double x, double e) { return e == 1.0 ? x : e == 2.0 ? x * x : std::pow(x, e); }
+
+// The smallest positive and the largest entry of a non-negative vector (NaN entries are
+// skipped here and propagate through the update itself).
+template <typename opmath_t>
+std::pair<double, double> positive_range(const opmath_t* v, int64_t n) {
+  double lo = INFINITY, hi = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(v[i]);
+    if (x > 0.0) lo = std::min(lo, x), hi = std::max(hi, x);
+  }
+  return {lo, hi};
+}
+
 // kappa_ij^(2/p) of a dense layer as factors row_i * col_j (see choose_kappa_split),
 // or, when no split keeps both in the opmath range, as exact per-element logs.
 template <typename opmath_t>
@@ -122,32 +137,59 @@ struct KappaPowFactors {
   // Reciprocals: 1 / max(row_i col_j, eps) = min(inv_row_i inv_col_j, 1/eps) turns the
   // per-element division into a multiplication (the fast path is compute-bound otherwise).
   std::vector<opmath_t> inv_row, inv_col;
-  std::vector<double> log_row, log_col;
+  std::vector<double> log_row, log_col;  // filled only when exact
   bool exact = false;
 
   KappaPowFactors(const opmath_t* gamma_out, int64_t rows, const opmath_t* gamma_in, int64_t cols, double log_scale,
                   double p, double eps) {
     const double e = 2.0 / p;
-    log_row.resize(rows);
-    log_col.resize(cols);
-    double rmin = INFINITY, rmax = -INFINITY, cmin = INFINITY, cmax = -INFINITY;
-    for (int64_t i = 0; i < rows; ++i) {
-      log_row[i] = e * std::log(static_cast<double>(gamma_out[i]));
-      if (log_row[i] > -INFINITY) rmin = std::min(rmin, log_row[i]), rmax = std::max(rmax, log_row[i]);
-    }
-    for (int64_t j = 0; j < cols; ++j) {
-      log_col[j] = e * (std::log(static_cast<double>(gamma_in[j])) + log_scale);
-      if (log_col[j] > -INFINITY) cmin = std::min(cmin, log_col[j]), cmax = std::max(cmax, log_col[j]);
-    }
+    // log is increasing, so the range of e*log(gamma) needs only the smallest positive and the
+    // largest gamma of each vector: four logs, not one per row and column (a Linear(4096, 1)
+    // would otherwise spend more time in exp/log than in its update).
+    const auto [gout_lo, gout_hi] = positive_range(gamma_out, rows);
+    const auto [gin_lo, gin_hi] = positive_range(gamma_in, cols);
+    // An all-zero vector gives the empty range (INFINITY, -INFINITY), as the per-element loop did.
+    const double rmin = gout_hi > 0 ? e * std::log(gout_lo) : INFINITY;
+    const double rmax = gout_hi > 0 ? e * std::log(gout_hi) : -INFINITY;
+    const double cmin = gin_hi > 0 ? e * (std::log(gin_lo) + log_scale) : INFINITY;
+    const double cmax = gin_hi > 0 ? e * (std::log(gin_hi) + log_scale) : -INFINITY;
     // Stay well inside the opmath range (float: e^80 ~ 5.5e34).
     const double limit = std::is_same_v<opmath_t, double> ? 700.0 : 80.0;
     const KappaSplit split = choose_kappa_split(rmin, rmax, cmin, cmax, eps > 0 ? std::log(eps) : -INFINITY, limit);
     exact = split.exact;
-    if (exact) return;
+    // Factors as gamma^e times a constant, in double: safe while gamma^e and both constants stay
+    // inside the double range (always for float parameters, whose gamma^e < 1e77).
+    const double row_c = split.split, col_c = e * log_scale - split.split;
+    const auto in_double_range = [&](double lo, double hi) {
+      return hi <= 0 || (e * std::log(hi) < 700.0 && e * std::log(lo) > -700.0);
+    };
+    const bool products = !exact && std::abs(row_c) < 700.0 && std::abs(col_c) < 700.0 &&
+                          in_double_range(gout_lo, gout_hi) && in_double_range(gin_lo, gin_hi);
+    if (!products) {  // per-element logs (the exact path, or factors too far out for products)
+      log_row.resize(rows);
+      log_col.resize(cols);
+      for (int64_t i = 0; i < rows; ++i) log_row[i] = e * std::log(static_cast<double>(gamma_out[i]));
+      for (int64_t j = 0; j < cols; ++j) log_col[j] = e * (std::log(static_cast<double>(gamma_in[j])) + log_scale);
+      if (exact) return;
+    }
     row.resize(rows);
     col.resize(cols);
     inv_row.resize(rows);
     inv_col.resize(cols);
+    if (products) {
+      const double rs = std::exp(row_c), cs = std::exp(col_c);
+      for (int64_t i = 0; i < rows; ++i) {
+        const double r = pow_e(static_cast<double>(gamma_out[i]), e) * rs;
+        row[i] = static_cast<opmath_t>(r);
+        inv_row[i] = static_cast<opmath_t>(1.0 / r);
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        const double c = pow_e(static_cast<double>(gamma_in[j]), e) * cs;
+        col[j] = static_cast<opmath_t>(c);
+        inv_col[j] = static_cast<opmath_t>(1.0 / c);
+      }
+      return;
+    }
     for (int64_t i = 0; i < rows; ++i) {
       row[i] = static_cast<opmath_t>(std::exp(log_row[i] + split.split));
       inv_row[i] = static_cast<opmath_t>(std::exp(-(log_row[i] + split.split)));
