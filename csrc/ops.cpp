@@ -46,4 +46,9 @@ TORCH_LIBRARY(pathsgd, m) {
       "float? clamp_max, Tensor? lr_tensor) -> ()");
   // Multi-tensor clamp_(lo, hi) (WGAN weight clipping).
   m.def("clamp_(Tensor(a!)[] tensors, float lo, float hi) -> ()");
+  // Backward of a conv net's abs-pow network over a compiled VJP program: the kappa of every
+  // |w|^p leaf (csrc/abs_pow_vjp.cpp; the program is described in pathsgd/reference.py).
+  m.def(
+      "abs_pow_vjp(Tensor[] values, Tensor[] leaves, Tensor[] seeds, int[] seed_slots, int[] program, "
+      "float[] factors) -> Tensor[]");
 }

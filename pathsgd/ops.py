@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 
-_OP_NAMES = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_")
+_OP_NAMES = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
 
 
 def _load_extension() -> Optional[str]:
@@ -70,8 +70,9 @@ def compiled_available() -> bool:
 
 def _kernels_registered(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    # "computed": abs_pow_vjp is one device-generic (CompositeExplicitAutograd) kernel.
     return key is not None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
+        torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
 
 
 # Registrations happen at import of pathsgd._C and never change afterwards: ask once, and keep
@@ -155,6 +156,14 @@ def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
         reference.clamp_(tensors, lo, hi)
 
 
+def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor], seed_slots: List[int],
+                program: List[int], factors: List[float]) -> List[Tensor]:
+    """kappa of every ``|w|^p`` leaf from an abs-pow VJP program; see :func:`pathsgd.reference.abs_pow_vjp`."""
+    if leaves and _use_compiled(leaves[0]):
+        return torch.ops.pathsgd.abs_pow_vjp.default(values, leaves, seeds, seed_slots, program, factors)
+    return reference.abs_pow_vjp(values, leaves, seeds, seed_slots, program, factors)
+
+
 if compiled_available():
     # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.
     @torch.library.register_fake("pathsgd::gamma_forward")
@@ -175,3 +184,7 @@ if compiled_available():
     @torch.library.register_fake("pathsgd::clamp_")
     def _clamp_fake(tensors, lo, hi):
         return None
+
+    @torch.library.register_fake("pathsgd::abs_pow_vjp")
+    def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
+        return [torch.empty_like(t) for t in leaves]

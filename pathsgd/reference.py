@@ -13,7 +13,7 @@ normalized to a maximum in [1, 2] (or all zero), so deep networks stay in range.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -161,3 +161,110 @@ def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
         raise ValueError(f"pathsgd.clamp_: lo must be <= hi, got lo={lo}, hi={hi}")
     for t in tensors:
         t.clamp_(lo, hi)
+
+
+# Instruction codes of an abs_pow_vjp program (enum Rule in csrc/abs_pow_vjp.cpp). LOCAL is
+# Python-only: the compiled op does not run programs that contain it.
+VJP_CONV, VJP_LINEAR, VJP_ALIAS, VJP_RESHAPE, VJP_ADD, VJP_SCALE, VJP_SUMPOOL, VJP_LOCAL = range(8)
+
+LocalVjp = Callable[[int, Tensor], List[Tuple[int, Tensor]]]
+
+
+def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor], seed_slots: List[int],
+                program: List[int], factors: List[float], local_vjp: Optional[LocalVjp] = None) -> List[Tensor]:
+    """The abs-pow network's backward: ``d (seeds . outputs) / d leaf`` for every ``|w|^p`` leaf.
+
+    ``values[s]`` is the forward value of slot s; the gradient of ``seed_slots[i]`` starts at
+    ``seeds[i]``. ``program`` lists, output side first, one instruction per node:
+
+        CONV    node src weight bias need_x nd stride[nd] padding[nd] dilation[nd] groups
+        LINEAR  node src weight bias need_x
+        ALIAS   node src            (identity, e.g. ReLU: the abs-pow network drops it)
+        RESHAPE node src
+        ADD     node n src[n]       (each branch gets the gradient, summed over broadcast dims)
+        SCALE   node src factor     (multiplication by a constant: edge |c|^p = factors[factor])
+        SUMPOOL node src nd kernel[l] stride[l] padding[l] ceil_mode   (l = 2 for nd = 1)
+        LOCAL   node index          (Python only: ``local_vjp(index, g)`` -> [(src, grad)])
+
+    weight/bias are leaf indices (-1: none). A leaf no gradient reaches gets zeros; a leaf
+    used by several instructions (a module called twice) sums its gradients.
+    """
+    grads: List[Optional[Tensor]] = [None] * len(values)
+    kappas: List[Optional[Tensor]] = [None] * len(leaves)
+
+    def push(slot: int, g: Tensor) -> None:
+        grads[slot] = g if grads[slot] is None else grads[slot] + g
+
+    def add_kappa(index: int, g: Tensor) -> None:
+        if index >= 0:
+            kappas[index] = g if kappas[index] is None else kappas[index] + g
+
+    for slot, seed in zip(seed_slots, seeds):
+        push(slot, seed)
+    pos = 0
+
+    def take(n: int = 1) -> List[int]:
+        nonlocal pos
+        pos += n
+        return list(program[pos - n:pos])
+
+    while pos < len(program):
+        rule, node = take(2)
+        gy, grads[node] = grads[node], None
+        if rule in (VJP_CONV, VJP_LINEAR):
+            src, w, b, need_x = take(4)
+            x, weight = values[src], leaves[w]
+            if rule == VJP_CONV:
+                nd = take()[0]
+                stride, padding, dilation, (groups,) = take(nd), take(nd), take(nd), take()
+                if gy is None:
+                    continue
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    gy, x, weight, [weight.shape[0]] if b >= 0 else None, stride, padding, dilation, False,
+                    [0] * nd, groups, [bool(need_x), True, b >= 0])
+            else:
+                if gy is None:
+                    continue
+                g2 = gy.reshape(-1, gy.shape[-1])
+                gx = gy @ weight if need_x else None
+                gw, gb = g2.t() @ x.reshape(-1, x.shape[-1]), g2.sum(0) if b >= 0 else None
+            add_kappa(w, gw)
+            add_kappa(b, gb)
+            if need_x:
+                push(src, gx)
+        elif rule in (VJP_ALIAS, VJP_RESHAPE):
+            (src,) = take()
+            if gy is not None:
+                push(src, gy if rule == VJP_ALIAS else gy.reshape(values[src].shape))
+        elif rule == VJP_ADD:
+            srcs = take(take()[0])
+            for src in srcs if gy is not None else ():
+                push(src, gy.sum_to_size(values[src].shape))
+        elif rule == VJP_SCALE:
+            src, factor = take(2)
+            if gy is not None:
+                push(src, gy * factors[factor])
+        elif rule == VJP_SUMPOOL:
+            src, nd = take(2)
+            lifted = 2 if nd == 1 else nd
+            kernel, stride, padding, (ceil_mode,) = take(lifted), take(lifted), take(lifted), take()
+            if gy is None:
+                continue
+            x = values[src]
+            if nd == 1:
+                gx = torch.ops.aten.avg_pool2d_backward(gy.unsqueeze(-2), x.unsqueeze(-2), kernel, stride, padding,
+                                                        bool(ceil_mode), True, 1).squeeze(-2)
+            else:
+                backward = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
+                gx = backward(gy, x, kernel, stride, padding, bool(ceil_mode), True, 1)
+            push(src, gx)
+        elif rule == VJP_LOCAL:
+            (index,) = take()
+            if gy is not None:
+                if local_vjp is None:
+                    raise ValueError("abs_pow_vjp: the program has a LOCAL instruction but no local_vjp")
+                for src, g in local_vjp(index, gy):
+                    push(src, g)
+        else:
+            raise ValueError(f"abs_pow_vjp: unknown rule {rule} at position {pos - 2}")
+    return [k if k is not None else torch.zeros_like(t) for k, t in zip(kappas, leaves)]

@@ -10,7 +10,11 @@ forward into a flat plan and the backward into a tape of vector-Jacobian product
 * identity, reshape, residual addition, multiplication by a constant, max pooling (a sum pool
   in the abs-pow network): closed-form VJPs.
 * any other node (average/adaptive pooling, concatenation, means, slicing, BatchNorm) is linear
-  in its tensor inputs, so autograd through that single node gives its VJP.
+  in its tensor inputs, so autograd through that single node gives its VJP (LOCAL).
+
+The tape is a flat program of ints (see :func:`pathsgd.reference.abs_pow_vjp`). Without LOCAL
+nodes the whole backward is one op, ``pathsgd::abs_pow_vjp`` (csrc/abs_pow_vjp.cpp), which
+saves the Python loop over the tape; with them the Python twin runs it.
 
 ``GeneralGraph`` uses it when no fused Linear (an autograd Function) lies in the evaluated part
 and every convolution has explicit padding; otherwise the autograd path computes the same numbers
@@ -28,7 +32,9 @@ from torch import Tensor
 from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY_MODULES, _MAXPOOL, _MUL,
                   _POOL_FUNCTIONS, _RESHAPE_METHODS, _SHAPE_MODULES, _WEIGHTED, AbsNetResult, _constant_factor,
                   _function_pool_args, _module_pool_args, _sum_pool_args, layer_call, sum_pool, sum_pool_vjp)
-from .reference import abs_pow_list_
+from . import ops, reference
+from .reference import (VJP_ADD, VJP_ALIAS, VJP_CONV, VJP_LINEAR, VJP_LOCAL, VJP_RESHAPE, VJP_SCALE, VJP_SUMPOOL,
+                        abs_pow_list_)
 
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 
@@ -73,6 +79,7 @@ class TapedEvaluation:
         # parameters that become |w|^p in place, and the all-ones input, keyed by device.
         self._leaf_buffers: Dict[torch.device, List[Tensor]] = {}
         self._ones: Dict[torch.device, Tensor] = {}
+        self._compile_vjp_program()
 
     # ---- compile -------------------------------------------------------------------------------------------
     def _plan_entry(self, node: torch.fx.Node) -> Tuple[torch.fx.Node, int, Any]:
@@ -158,11 +165,66 @@ class TapedEvaluation:
                     outputs.append(env[n]),
                     seeds.__setitem__(n, seeds[n] + 1 if n in seeds else torch.ones_like(env[n]))))
                 result.total = sum(o.sum() for o in outputs)
-            self._backward(p, env, leaves, seeds, result.kappas)
-        for name, t in leaves.items():
-            if name not in result.kappas:  # a parameter no output depends on
-                result.kappas[name] = torch.zeros_like(t)
+            slots = self.vjp_slots
+            seed_nodes = [n for n in seeds if n in slots]
+            args = ([env[n] for n in slots], list(leaves.values()), [seeds[n] for n in seed_nodes],
+                    [slots[n] for n in seed_nodes], self.vjp_program, self._vjp_factors(p))
+            if self._local_entries:  # nodes backpropagated by local autograd: the Python interpreter
+                kappas = reference.abs_pow_vjp(*args, local_vjp=lambda i, g: self._local_vjp(i, g, env, p))
+            else:
+                kappas = ops.abs_pow_vjp(*args)
+        result.kappas = dict(zip(leaves, kappas))
         return result
+
+    def _compile_vjp_program(self) -> None:
+        """The tape as an ``abs_pow_vjp`` program (``self.vjp_program``: a flat list of ints, one
+        instruction per tape entry; see :func:`pathsgd.reference.abs_pow_vjp`). Nodes without a
+        closed-form rule become LOCAL instructions, which only the Python interpreter runs."""
+        self.vjp_slots: Dict[torch.fx.Node, int] = {}  # node -> index into the values list
+        self._scale_nodes: List[torch.fx.Node] = []
+        self._local_entries: List[Tuple[torch.fx.Node, Tuple[torch.fx.Node, ...]]] = []
+        self._factors: Dict[float, List[float]] = {}
+        slots = self.vjp_slots
+
+        def slot(n: torch.fx.Node) -> int:
+            return slots.setdefault(n, len(slots))
+
+        leaf = {name: i for i, name in enumerate(self.leaf_names)}
+        program: List[int] = []
+        for node, rule, data in self.tape:
+            if rule == _V_LAYER:
+                src, m, weight, bias = data
+                head = [slot(node), slot(src), leaf[weight], leaf[bias] if bias is not None else -1,
+                        int(self.needs[src])]
+                if isinstance(m, _CONV):
+                    program += [VJP_CONV, *head, len(m.kernel_size), *m.stride, *m.padding, *m.dilation, m.groups]
+                else:
+                    program += [VJP_LINEAR, *head]
+            elif rule in (_V_ALIAS, _V_RESHAPE):
+                program += [VJP_ALIAS if rule == _V_ALIAS else VJP_RESHAPE, slot(node), slot(data[0])]
+            elif rule == _V_ADD:
+                program += [VJP_ADD, slot(node), len(data), *(slot(n) for n in data)]
+            elif rule == _V_SCALE:
+                program += [VJP_SCALE, slot(node), slot(data[0]), len(self._scale_nodes)]
+                self._scale_nodes.append(node)
+            elif rule == _V_MAXPOOL:
+                src, nd, (kernel, stride, padding), ceil_mode = data
+                program += [VJP_SUMPOOL, slot(node), slot(src), nd, *kernel, *stride, *padding, int(ceil_mode)]
+            else:
+                for n in (node, *data):
+                    slot(n)
+                program += [VJP_LOCAL, slot(node), len(self._local_entries)]
+                self._local_entries.append((node, data))
+        if self.stop is not None:
+            slot(self.stop)
+        self.vjp_program = program
+
+    def _vjp_factors(self, p: float) -> List[float]:
+        """The constant edge weights |c|^p of the tape's multiplications, per p."""
+        factors = self._factors.get(p)
+        if factors is None:
+            factors = self._factors[p] = [float(_constant_factor(n, p)) for n in self._scale_nodes]
+        return factors
 
     def _abs_pow_leaves(self, p: float, device: torch.device) -> Dict[str, Tensor]:
         """``{name: |w|^p}`` in float64 for the evaluated part's parameters: one multi-tensor
@@ -210,62 +272,13 @@ class TapedEvaluation:
                 env[node] = g._constant_node(node, val, p)
         return env
 
-    def _backward(self, p: float, env: Dict[torch.fx.Node, Any], leaves: Dict[str, Tensor],
-                  seeds: Dict[torch.fx.Node, Tensor], kappas: Dict[str, Tensor]) -> None:
-        grads = dict(seeds)
-
-        def push(node: torch.fx.Node, grad: Tensor) -> None:
-            grads[node] = grads[node] + grad if node in grads else grad
-
-        for node, rule, data in self.tape:
-            gy = grads.pop(node, None)
-            if gy is None:
-                continue
-            if rule == _V_LAYER:
-                src, m, weight, bias = data
-                gx = self._layer_vjp(m, gy, env[src], leaves[weight], bias is not None, self.needs[src])
-                for name, grad in zip((weight, bias), gx[1:]):
-                    if name is not None:  # a module called twice (shared weights) sums over its edges
-                        kappas[name] = kappas[name] + grad if name in kappas else grad
-                if gx[0] is not None:
-                    push(src, gx[0])
-            elif rule == _V_ALIAS:
-                push(data[0], gy)
-            elif rule == _V_RESHAPE:
-                push(data[0], gy.reshape(env[data[0]].shape))
-            elif rule == _V_ADD:  # a residual addition: each branch gets gy (summed over broadcast dims)
-                for src in data:
-                    push(src, gy.sum_to_size(env[src].shape))
-            elif rule == _V_SCALE:
-                push(data[0], gy * _constant_factor(node, p))
-            elif rule == _V_MAXPOOL:
-                push(data[0], sum_pool_vjp(gy, env[data[0]], *data[1:]))
-            else:
-                for src, grad in self._local_vjp(node, data, gy, env, p):
-                    push(src, grad)
-
-    @staticmethod
-    def _layer_vjp(m: nn.Module, gy: Tensor, x_in: Tensor, w: Tensor, has_bias: bool,
-                   need_x: bool) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
-        """(d/dx, d/d|W|^p, d/d|b|^p) of ``y = layer(x, |W|^p, |b|^p)`` seeded with ``gy``."""
-        x = x_in if x_in.device == w.device else x_in.to(w.device)
-        if isinstance(m, _CONV):
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                gy, x, w, [w.shape[0]] if has_bias else None, m.stride, m.padding, m.dilation, False,
-                [0] * len(m.kernel_size), m.groups, [need_x, True, has_bias])
-        else:
-            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            gx, gw, gb = (gy @ w if need_x else None), g2.t() @ x2, (g2.sum(0) if has_bias else None)
-        if gx is not None and gx.device != x_in.device:
-            gx = gx.to(x_in.device)
-        return gx, gw, gb
-
-    def _local_vjp(self, node: torch.fx.Node, sources: Tuple[torch.fx.Node, ...], gy: Tensor,
-                   env: Dict[torch.fx.Node, Any], p: float) -> List[Tuple[torch.fx.Node, Tensor]]:
-        """Autograd through this one node (linear in its tensor inputs)."""
+    def _local_vjp(self, index: int, gy: Tensor, env: Dict[torch.fx.Node, Any],
+                   p: float) -> List[Tuple[int, Tensor]]:
+        """Autograd through one node (linear in its tensor inputs): [(source slot, gradient)]."""
+        node, sources = self._local_entries[index]
         with torch.enable_grad():
             local = {n: env[n].detach().requires_grad_(True) if n in sources else env[n]
                      for n in node.all_input_nodes}
             out = self.graph._constant_node(node, lambda a: torch.fx.node.map_arg(a, local.__getitem__), p)
             grads = torch.autograd.grad(out, [local[n] for n in sources], gy, allow_unused=True)
-        return [(n, grad) for n, grad in zip(sources, grads) if grad is not None]
+        return [(self.vjp_slots[n], grad) for n, grad in zip(sources, grads) if grad is not None]

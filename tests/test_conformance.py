@@ -693,7 +693,8 @@ def test_opcheck_half_dtypes(dtype):
                                 1.5, 0.1, 0.9, 0.0, 0.0, False, False, False, 1e-12, None, None, torch.tensor(0.1))),
         ("clamp_", ([w.clone(), b.clone()], -0.1, 0.1)),
     ]
-    assert {n for n, _ in samples} == set(ops._OP_NAMES)
+    # abs_pow_vjp works on the float64 abs-pow network whatever the parameters' dtype.
+    assert {n for n, _ in samples} == set(ops._OP_NAMES) - {"abs_pow_vjp"}
     for name, args in samples:
         torch.library.opcheck(getattr(torch.ops.pathsgd, name).default, args)
 

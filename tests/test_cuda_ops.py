@@ -557,3 +557,33 @@ def test_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(t.item())
+
+
+def test_abs_pow_vjp_cuda_matches_reference_and_cpu():
+    """pathsgd::abs_pow_vjp (one device-generic kernel) on CUDA tensors: the programs of the
+    CPU kernel tests, against the Python twin on the GPU and the compiled op on the CPU."""
+    import pathsgd
+    from pathsgd import ops as pathsgd_ops
+    from test_kernels import VJP_NETS
+
+    for cls, input_shape in VJP_NETS:
+        torch.manual_seed(5)
+        model = cls().double()
+        captured = []
+        original = pathsgd_ops.abs_pow_vjp
+        pathsgd_ops.abs_pow_vjp = lambda *args: captured.append(args) or original(*args)
+        try:
+            pathsgd.path_scales(model, 2.0, input_shape)
+        finally:
+            pathsgd_ops.abs_pow_vjp = original
+        values, leaves, seeds, slots, program, factors = captured[0]
+        on = [[t.to(DEVICE) for t in ts] for ts in (values, leaves, seeds)]
+        got = ops().abs_pow_vjp.default(*on[:3], slots, program, factors)
+        again = ops().abs_pow_vjp.default(*on[:3], slots, program, factors)
+        want = reference.abs_pow_vjp(*on[:3], slots, program, factors)
+        cpu = ops().abs_pow_vjp.default(values, leaves, seeds, slots, program, factors)
+        for a, b, c, d in zip(got, again, want, cpu):
+            assert a.device.type == torch.device(DEVICE).type
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
+            torch.testing.assert_close(a.cpu(), d, rtol=1e-12, atol=0)
+            assert torch.equal(a, b)

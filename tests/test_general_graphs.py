@@ -661,19 +661,22 @@ def test_oracle_by_hand():
         assert float(pathsgd.path_norm(model, p, (1, 2)).detach()) ** p == pytest.approx(total, rel=1e-12)
 
 
-@pytest.fixture(params=["taped", "autograd"])
+@pytest.fixture(params=["taped", "taped-reference", "autograd"])
 def evaluation(request, monkeypatch) -> Tuple[str, List[int]]:
-    """How kappa is backpropagated through the abs-pow network: the compiled VJP tape (the
-    default) or autograd (models the tape does not cover). Both must match the oracle.
-    Returns the mode and the list of taped runs, so a test can check the tape was used."""
-    from pathsgd import dag, taped
+    """How kappa is backpropagated through the abs-pow network: the VJP tape (the default) run by
+    the pathsgd::abs_pow_vjp op, the same tape run by its Python twin, or autograd (models the
+    tape does not cover). All must match the oracle. Returns the mode ("taped" for both tape
+    modes) and the list of taped runs, so a test can check the tape was used."""
+    from pathsgd import dag, reference, taped
     runs: List[int] = []
     if request.param == "autograd":
         monkeypatch.setattr(dag.GeneralGraph, "_can_tape", lambda self, fused: False)
-    else:
-        run = taped.TapedEvaluation.run
-        monkeypatch.setattr(taped.TapedEvaluation, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
-    return request.param, runs
+        return "autograd", runs
+    if request.param == "taped-reference":
+        monkeypatch.setattr(taped.ops, "abs_pow_vjp", reference.abs_pow_vjp)
+    run = taped.TapedEvaluation.run
+    monkeypatch.setattr(taped.TapedEvaluation, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+    return "taped", runs
 
 
 @pytest.mark.parametrize("p", P_VALUES)

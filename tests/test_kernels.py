@@ -673,6 +673,14 @@ def _opcheck_samples():
     yield "scaled_sgd_update_", ([t.clone() for t in params], grads, [], kappas, 1.0, 0.1, 0.0, 0.0, 0.0, False, True,
                                  False, 1e-12, None, None, torch.tensor(0.2))
     yield "clamp_", ([torch.randn(3, 4), torch.randn(5)], -0.1, 0.1)
+    # abs-pow backward of one Conv1d(2, 3, 3, padding=1): values [output, input], leaves [|W|^p, |b|^p]
+    x, w, b = torch.ones(1, 2, 5, dtype=torch.float64), torch.rand(3, 2, 3, dtype=torch.float64), torch.rand(3)
+    y = torch.conv1d(x, w, b.double(), padding=1)
+    conv = [reference.VJP_CONV, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # node 0, src 1, leaves 0/1, need_x, nd 1, ...
+    yield "abs_pow_vjp", ([y, x], [w, b.double()], [torch.rand_like(y)], [0], conv, [])
+    yield "abs_pow_vjp", ([y.reshape(3, 5), y, x], [w, b.double()], [torch.rand(3, 5, dtype=torch.float64)], [0],
+                          [reference.VJP_RESHAPE, 0, 1, reference.VJP_SCALE, 1, 1, 0] + conv[:1] + [1, 2] + conv[3:],
+                          [0.25])
 
 
 OPCHECK_SAMPLES = list(_opcheck_samples())
@@ -685,3 +693,113 @@ def test_opcheck(index):
         pytest.skip("torch.library.opcheck is not available in this torch")
     name, args = OPCHECK_SAMPLES[index]
     opcheck(getattr(OPS, name).default, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# abs_pow_vjp: the conv nets' abs-pow backward over a compiled program
+# ----------------------------------------------------------------------------------------------------------------
+
+class _VjpNet1d(torch.nn.Module):
+    """Residual conv block, strided ceil-mode max pool, a constant factor, a Linear on a 3-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv1d(2, 3, 3, padding=1)
+        self.conv = torch.nn.Conv1d(3, 3, 3, padding=2, dilation=2, bias=False)
+        self.pool = torch.nn.MaxPool1d(3, stride=2, padding=1, ceil_mode=True)
+        self.mix = torch.nn.Linear(4, 2)  # on (N, C, L): not fused, takes the LINEAR rule
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.conv(x)) + x
+        x = self.mix(self.pool(x)) * 0.5
+        return self.fc(x.flatten(1))
+
+
+class _VjpNet2d(torch.nn.Module):
+    """Grouped, strided, dilated 2-D convolutions, a module called twice, a 2-D max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+        self.b = torch.nn.Conv2d(4, 4, 1, bias=False)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc = torch.nn.Linear(4 * 1 * 3, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = self.b(torch.relu(self.b(x)))  # shared weights: kappa sums over both calls
+        return self.fc(self.pool(x).flatten(1))
+
+
+class _VjpNet3d(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 2, padding=1)
+        self.pool = torch.nn.MaxPool3d(2, stride=1)
+        self.fc = torch.nn.Linear(2 * 3 * 3 * 3, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+VJP_NETS = [(_VjpNet1d, (2, 7)), (_VjpNet2d, (2, 5, 4)), (_VjpNet3d, (1, 3, 3, 3))]
+
+
+def _vjp_program_args(cls, input_shape, p, seed=0, monkeypatch=None):
+    """The abs_pow_vjp arguments of a whole-network taped evaluation of ``cls``."""
+    torch.manual_seed(seed)
+    model = cls().double()
+    with torch.no_grad():
+        for t in model.parameters():
+            t.mul_(1.5)
+    captured = []
+    monkeypatch.setattr(ops, "abs_pow_vjp", lambda *args: captured.append(args) or reference.abs_pow_vjp(*args))
+    pathsgd.path_scales(model, p, input_shape)
+    monkeypatch.undo()
+    assert len(captured) == 1, "the evaluation did not take the taped path"
+    return captured[0]
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("cls,input_shape", VJP_NETS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_abs_pow_vjp_matches_reference(cls, input_shape, p, monkeypatch):
+    args = _vjp_program_args(cls, input_shape, p, seed=p, monkeypatch=monkeypatch)
+    want = reference.abs_pow_vjp(*args)
+    got = OPS.abs_pow_vjp.default(*args)
+    again = OPS.abs_pow_vjp.default(*args)
+    assert len(got) == len(want) == len(args[1])
+    for i, (a, b, c) in enumerate(zip(got, want, again)):
+        assert a.shape == args[1][i].shape and a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=lambda m: f"leaf {i}: {m}")
+        assert torch.equal(a, c), "two runs differ"
+        assert bool((b > 0).any()), f"leaf {i}: all-zero kappa, the check would be vacuous"
+
+
+def test_abs_pow_vjp_rules_all_covered():
+    """The tapes of VJP_NETS use every compiled rule (and no local-autograd node), so the
+    comparison above covers all of them."""
+    from pathsgd import taped
+    used = set()
+    for cls, input_shape in VJP_NETS:
+        tape = pathsgd.PathSGD(cls().double(), input_shape=input_shape).graph._taped(None)
+        assert not tape._local_entries
+        for _, rule, data in tape.tape:
+            used.add((rule, type(data[1]).__name__[:4] if rule == taped._V_LAYER else None))
+    assert used == {(taped._V_LAYER, "Conv"), (taped._V_LAYER, "Line"), (taped._V_ALIAS, None),
+                    (taped._V_RESHAPE, None), (taped._V_ADD, None), (taped._V_SCALE, None),
+                    (taped._V_MAXPOOL, None)}, used
+
+
+def test_abs_pow_vjp_bad_programs_raise(monkeypatch):
+    values, leaves, seeds, slots, program, factors = _vjp_program_args(_VjpNet1d, (2, 7), 2.0,
+                                                                       monkeypatch=monkeypatch)
+    with pytest.raises(RuntimeError, match="unknown rule 99"):
+        OPS.abs_pow_vjp.default(values, leaves, seeds, slots, [99, 0], factors)
+    with pytest.raises(RuntimeError, match="truncated program"):
+        OPS.abs_pow_vjp.default(values, leaves, seeds, slots, program[:-1], factors)
+    with pytest.raises(RuntimeError, match="slot 999 out of range"):
+        OPS.abs_pow_vjp.default(values, leaves, seeds, [999], program, factors)
+    with pytest.raises(RuntimeError, match="2 seeds for 1 seed slots"):
+        OPS.abs_pow_vjp.default(values, leaves, seeds * 2, slots, program, factors)
