@@ -1,5 +1,6 @@
 // CPU multi-tensor kernels: the Path-SGD update with a materialized kappa
 // (convolution weights, biases) and clamp_ (WGAN weight clipping).
+#include <algorithm>
 #include <cmath>
 
 #include "cpu_common.h"
@@ -9,11 +10,37 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename scalar_t>
-void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
-                       const at::Tensor& kappa, double p, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
+// Elements [i0, i1) of one tensor: SIMD lanes where the parameter is stored in its opmath
+// type (kappa^(2/p) is formed per lane in double, then rounded), a scalar loop otherwise.
+template <typename scalar_t, SgdVariant kV>
+void scaled_update_range(int64_t i0, int64_t i1, scalar_t* W, const scalar_t* G, scalar_t* B, const double* K,
+                         double e, const SgdParams<at::opmath_type<scalar_t>>& h_in) {
   using opmath_t = at::opmath_type<scalar_t>;
   const SgdParams<opmath_t> h = h_in;  // local copy: no aliasing with the stores below
+  // kappa^(2/p) in float64: kappa may exceed the parameter's range.
+  const auto kappa_pow = [&](int64_t i) { return static_cast<opmath_t>(e == 1.0 ? K[i] : std::pow(K[i], e)); };
+  int64_t i = i0;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using V = Vectorized<opmath_t>;
+    opmath_t kp[V::size()];
+    for (; i + V::size() <= i1; i += V::size()) {
+      for (int64_t k = 0; k < V::size(); ++k) kp[k] = kappa_pow(i + k);
+      V bv = B ? V::loadu(B + i) : V(opmath_t(0));
+      path_sgd_element<kV>(V::loadu(W + i), V::loadu(G + i), bv, V::loadu(kp), h).store(W + i);
+      if (B) bv.store(B + i);
+    }
+  }
+  for (; i < i1; ++i) {
+    opmath_t bv = B ? static_cast<opmath_t>(B[i]) : opmath_t(0);
+    W[i] = static_cast<scalar_t>(path_sgd_element<kV>(static_cast<opmath_t>(W[i]), static_cast<opmath_t>(G[i]), bv,
+                                                      kappa_pow(i), h));
+    if (B) B[i] = static_cast<scalar_t>(bv);
+  }
+}
+
+template <typename scalar_t>
+void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
+                       const at::Tensor& kappa, double p, const SgdParams<at::opmath_type<scalar_t>>& h) {
   const at::Tensor g = grad.contiguous();
   const at::Tensor k = kappa.contiguous();
   with_contiguous(param, [&](const at::Tensor& w) {
@@ -21,16 +48,17 @@ void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at
     const scalar_t* G = g.const_data_ptr<scalar_t>();
     const double* K = k.const_data_ptr<double>();
     scalar_t* B = buffer ? buffer->mutable_data_ptr<scalar_t>() : nullptr;
-    const double e = 2.0 / p;
-    at::parallel_for(0, w.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        // kappa^(2/p) in float64: kappa may exceed the parameter's range.
-        const double kp = e == 1.0 ? K[i] : std::pow(K[i], e);
-        opmath_t bv = B ? static_cast<opmath_t>(B[i]) : opmath_t(0);
-        W[i] = static_cast<scalar_t>(path_sgd_element(static_cast<opmath_t>(W[i]), static_cast<opmath_t>(G[i]), bv,
-                                                      static_cast<opmath_t>(kp), h));
-        if (B) B[i] = static_cast<scalar_t>(bv);
-      }
+    // Fixed blocks of kElementGrain (a multiple of every SIMD width): which elements take the
+    // SIMD lanes and which the scalar tail depends on the size only, so results do not depend
+    // on the thread count.
+    const int64_t n = w.numel(), blocks = (n + kElementGrain - 1) / kElementGrain;
+    dispatch_sgd_variant(h, [&](auto variant) {
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scaled_update_range<scalar_t, variant.value>(b * kElementGrain, std::min(n, (b + 1) * kElementGrain), W,
+                                                       G, B, K, 2.0 / p, h);
+        }
+      });
     });
   });
 }
