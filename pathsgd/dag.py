@@ -276,7 +276,9 @@ class GeneralGraph:
         self._fusable = [n for n, m in self.weighted.items()
                          if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
         self.head, self.head_input = self._find_dense_head()
-        self._head_names = frozenset(layer.name for layer in self.head.layers) if self.head is not None else frozenset()
+        # the dense head's Linear modules, and the fusable Linear modules before it
+        self.head_names = frozenset(layer.name for layer in self.head.layers) if self.head is not None else frozenset()
+        self.trunk_fusable_linears = [n for n in self._fusable if n not in self.head_names]
         # convolution_backward needs explicit padding: 'same'/'valid' convolutions take autograd.
         self.tape_ok = not any(isinstance(m, _CONV) and isinstance(m.padding, str) for m in self.weighted.values())
         self._tapes: Dict[Optional[torch.fx.Node], Any] = {}
@@ -466,7 +468,7 @@ class GeneralGraph:
         """Path scales of the trunk of a model that ends in a dense head (``self.head``): the
         abs-pow network runs up to the head's input x; ``head_gamma(x)`` returns the gamma_out
         there (``d phi_p^p / d x``, from the head's fused passes), which seeds the backward."""
-        if self._can_tape(fused - self._head_names):
+        if self._can_tape(fused - self.head_names):
             return self._taped(self.head_input).run(p, head_gamma)
         with torch.enable_grad():
             result = self._evaluate(p, fused, False, True, False, stop=self.head_input)
@@ -495,7 +497,7 @@ class GeneralGraph:
             return v
 
         if need_grads and not differentiable:
-            self.abs_pow_leaves(leaves, p, fused, device, self._head_names if stop is not None else frozenset())
+            self.abs_pow_leaves(leaves, p, fused, device, self.head_names if stop is not None else frozenset())
         env: Dict[torch.fx.Node, Any] = {}
 
         def val(x: Any) -> Any:

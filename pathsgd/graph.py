@@ -9,7 +9,7 @@ rescaling invariance raises a ValueError naming the module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -55,6 +55,21 @@ class DenseChain:
     """A chain of dense layers, input to output."""
     layers: List[DenseLayer]
     prefix: str = ""
+    # Read-only constants of a step, made once: (n, dtype, device) -> (unit gamma pair, float64 ones)
+    _units: Dict[Tuple, Tuple] = field(default_factory=dict, repr=False, compare=False)
+
+    def output_unit(self, dtype: torch.dtype, device: torch.device) -> Tuple[Tuple[torch.Tensor, torch.Tensor],
+                                                                          torch.Tensor]:
+        """The gamma_out of the output units (ones, log scale 0) and the kappa of the last bias
+        (ones in float64): constants that ops only read, so they are made once."""
+        n = self.layers[-1].module.out_features
+        key = (n, dtype, device)
+        units = self._units.get(key)
+        if units is None:
+            from .scales import unit_gamma
+            units = self._units[key] = (unit_gamma(n, dtype, device), torch.ones(n, dtype=torch.float64,
+                                                                                  device=device))
+        return units
 
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         named = {}

@@ -13,7 +13,7 @@ from . import ops
 from .dag import GeneralGraph, to_log_scaled
 from .graph import DenseChain, build_path_graph
 from .reference import opmath_dtype
-from .scales import LogScaled, chain_gamma_in, check_p, unit_gamma
+from .scales import LogScaled, chain_gamma_in, check_p
 
 ClampArg = Union[None, float, Tuple[float, float]]
 
@@ -253,17 +253,22 @@ def _dense_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
                                   gamma0=gamma0[p] if gamma0 else None, with_output=False, params=params)
                 for p in ps}
     last = params[-1][0]
-    gamma_out = {p: unit_gamma(last.shape[0], opmath_dtype(last.dtype), last.device) for p in ps}
+    unit, unit_kappa = chain.output_unit(opmath_dtype(last.dtype), last.device)
+    gamma_out = {p: unit for p in ps}
     deferred = bias_batches is not None
     bias_batches = bias_batches if deferred else {}
     for index in reversed(range(len(params))):
         weight, bias = params[index]
         bias_update = updates.get(bias) if bias is not None else None
         if bias_update is not None:
-            v, s = _on(gamma_out[bias_update.p], bias)
+            if index == len(params) - 1 and bias.device == last.device:
+                kappa = unit_kappa  # the last layer's bias: kappa = gamma_out = 1
+            else:
+                v, s = _on(gamma_out[bias_update.p], bias)
+                kappa = v.to(torch.float64, copy=True).mul_(s.exp())
             bias_update.prepare_buffer()
             key = (id(bias_update.group), bias_update.first_step, bias.device)
-            bias_batches.setdefault(key, []).append((bias_update, v.to(torch.float64, copy=True).mul_(s.exp())))
+            bias_batches.setdefault(key, []).append((bias_update, kappa))
         weight_update = updates.get(weight)
         # Read-only passes (other p values) must see the old weights: run them before the update.
         order = ps if len(ps) == 1 else sorted(ps, key=lambda p: weight_update is not None and weight_update.p == p)
@@ -288,8 +293,8 @@ _READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay
 
 def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
     ps = sorted({u.p for u in updates.values()})
-    head_names = {layer.name for layer in graph.head.layers} if graph.head is not None else set()
-    fusable = [n for n in graph.fusable_linears() if n not in head_names]
+    head_names = graph.head_names
+    fusable = graph.trunk_fusable_linears
 
     def fused_for(p: float) -> frozenset:
         return frozenset(n for n in fusable if updates.get(graph.weighted[n].weight) is not None
@@ -316,7 +321,7 @@ def _general_graph_step(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate])
         fused = fused_for(p) | frozenset(n for n in head_names if updates.get(graph.weighted[n].weight) is not None
                                          and updates[graph.weighted[n].weight].p == p)
         results[p] = (graph.evaluate(p, fused), fused)
-    _apply_graph_results(graph, updates, results, set())
+    _apply_graph_results(graph, updates, results, frozenset())
 
 
 def _apply_graph_results(graph: GeneralGraph, updates: Dict[Tensor, ParamUpdate],

@@ -67,7 +67,7 @@ class TapedEvaluation:
                 break
         self.tape.reverse()
         # |w|^p leaves: every parameter of the evaluated part (the dense head's are not)
-        skip = graph._head_names if stop is not None else frozenset()
+        skip = graph.head_names if stop is not None else frozenset()
         self.leaf_names: List[str] = []
         self.leaf_sources: List[Tuple[nn.Module, str]] = []
         for name, m in graph.weighted.items():
