@@ -122,15 +122,6 @@ def sum_pool(x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...], ceil_mode: b
     return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
 
 
-def sum_pool_vjp(g: Tensor, x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...], ceil_mode: bool) -> Tensor:
-    """``g . d sum_pool(x) / dx``: every input element gets the sum of g over its windows."""
-    if nd == 1:
-        return torch.ops.aten.avg_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), *args, ceil_mode, True,
-                                                  1).squeeze(-2)
-    backward = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
-    return backward(g, x, *args, ceil_mode, True, 1)
-
-
 def _adaptive_window_sizes(in_sizes: Sequence[int], out_sizes: Sequence[int], device) -> Tensor:
     """Number of input elements of each adaptive-pooling window (product over dims)."""
     d = torch.ones((), dtype=torch.float64, device=device)

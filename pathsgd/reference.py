@@ -163,6 +163,15 @@ def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
         t.clamp_(lo, hi)
 
 
+def sum_pool_vjp(g: Tensor, x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...], ceil_mode: bool) -> Tensor:
+    """``g . d sum_pool(x) / dx``: every input element gets the sum of g over its windows."""
+    if nd == 1:
+        return torch.ops.aten.avg_pool2d_backward(g.unsqueeze(-2), x.unsqueeze(-2), *args, ceil_mode, True,
+                                                  1).squeeze(-2)
+    backward = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
+    return backward(g, x, *args, ceil_mode, True, 1)
+
+
 # Instruction codes of an abs_pow_vjp program (enum Rule in csrc/abs_pow_vjp.cpp). LOCAL is
 # Python-only: the compiled op does not run programs that contain it.
 VJP_CONV, VJP_LINEAR, VJP_ALIAS, VJP_RESHAPE, VJP_ADD, VJP_SCALE, VJP_SUMPOOL, VJP_LOCAL = range(8)
@@ -250,14 +259,7 @@ def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor],
             kernel, stride, padding, (ceil_mode,) = take(lifted), take(lifted), take(lifted), take()
             if gy is None:
                 continue
-            x = values[src]
-            if nd == 1:
-                gx = torch.ops.aten.avg_pool2d_backward(gy.unsqueeze(-2), x.unsqueeze(-2), kernel, stride, padding,
-                                                        bool(ceil_mode), True, 1).squeeze(-2)
-            else:
-                backward = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
-                gx = backward(gy, x, kernel, stride, padding, bool(ceil_mode), True, 1)
-            push(src, gx)
+            push(src, sum_pool_vjp(gy, values[src], nd, (kernel, stride, padding), bool(ceil_mode)))
         elif rule == VJP_LOCAL:
             (index,) = take()
             if gy is not None:

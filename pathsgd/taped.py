@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .dag import (_ADD, _CONV, _IDENTITY_FUNCTIONS, _IDENTITY_METHODS, _IDENTITY_MODULES, _MAXPOOL, _MUL,
                   _POOL_FUNCTIONS, _RESHAPE_METHODS, _SHAPE_MODULES, _WEIGHTED, AbsNetResult, _constant_factor,
-                  _function_pool_args, _module_pool_args, _sum_pool_args, layer_call, sum_pool, sum_pool_vjp)
+                  _function_pool_args, _module_pool_args, _sum_pool_args, layer_call, sum_pool)
 from . import ops, reference
 from .reference import (VJP_ADD, VJP_ALIAS, VJP_CONV, VJP_LINEAR, VJP_LOCAL, VJP_RESHAPE, VJP_SCALE, VJP_SUMPOOL,
                         abs_pow_list_)

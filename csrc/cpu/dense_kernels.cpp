@@ -137,7 +137,7 @@ struct KappaPowFactors {
   // Reciprocals: 1 / max(row_i col_j, eps) = min(inv_row_i inv_col_j, 1/eps) turns the
   // per-element division into a multiplication (the fast path is compute-bound otherwise).
   std::vector<opmath_t> inv_row, inv_col;
-  std::vector<double> log_row, log_col;  // filled only when exact
+  std::vector<double> log_row, log_col;  // per-element logs: only when the products below are not used
   bool exact = false;
 
   KappaPowFactors(const opmath_t* gamma_out, int64_t rows, const opmath_t* gamma_in, int64_t cols, double log_scale,
