@@ -1,5 +1,9 @@
 # make test   - create/reuse .venv, install deps, build pathsgd._C, run the test suite
 # make bench  - same set-up, then the benchmark suite (writes benchmarks/results/)
+# make test-cuda-emu - the CUDA kernels' tests on the CPU emulation of CUDA (no GPU needed):
+#               builds build/cuda-emu/libpathsgd_emu.so with $(CUDA_EMU_DIR)/build.sh (HIP-CPU;
+#               needs `apt-get install -y libtbb-dev`), runs tests/test_cuda_ops.py against it and
+#               the optimizer-level oracle tests with PATHSGD_BACKEND=cuda-emu
 # The extension is rebuilt when csrc/ or setup.py change (or after `make clean`); the
 # package itself is installed editable, so Python changes need no rebuild.
 PYTHON ?= python3
@@ -8,8 +12,14 @@ PY := $(VENV)/bin/python
 MAX_JOBS ?= 2
 BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.build-stamp
+CUDA_EMU_DIR ?= ../shared/cuda-emu
+CUDA_EMU_LIB := build/cuda-emu/libpathsgd_emu.so
+# The optimizer-level tests that also run through the emulated CUDA kernels: SGD parity against
+# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism.
+CUDA_EMU_STEP_TESTS := sgd_parity or rescaling or clamp_matches_oracle or kappa_recomputed or \
+	deterministic_training or linear_in_dag or dense_head_step
 
-.PHONY: test bench build venv env clean
+.PHONY: test bench build venv env clean cuda-emu test-cuda-emu
 
 $(VENV)/.deps-stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +38,17 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(PY) -m pytest -q tests
+
+$(CUDA_EMU_LIB): $(BUILD_STAMP) $(shell find csrc -type f)
+	@test -x $(CUDA_EMU_DIR)/build.sh || { echo "make cuda-emu: no CUDA emulation at CUDA_EMU_DIR=$(CUDA_EMU_DIR) (set CUDA_EMU_DIR to the folder holding its build.sh)" >&2; exit 1; }
+	PYTHON=$(PY) $(CUDA_EMU_DIR)/build.sh .
+
+cuda-emu: $(CUDA_EMU_LIB)
+
+test-cuda-emu: build $(CUDA_EMU_LIB)
+	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_cuda_ops.py
+	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
+		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py -k "$(CUDA_EMU_STEP_TESTS)"
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -4,6 +4,13 @@ kernels (for ``torch.compile``), and the backend choice.
 Each wrapper runs the compiled kernel when one is registered for the tensors'
 device and otherwise the pure-PyTorch twin in :mod:`pathsgd.reference`, with a
 one-time warning that says why. ``PATHSGD_BACKEND=reference`` forces the twin.
+
+``PATHSGD_BACKEND=cuda-emu`` (for testing the CUDA code without a GPU) runs the
+CUDA kernels and their host wrappers on CPU tensors: it loads the CPU emulation
+library named by ``PATHSGD_CUDA_EMU`` (built by ``make cuda-emu``), which
+registers them as ``torch.ops.pathsgd_emu.*``, and routes every CPU call of the
+CUDA-backed ops there. ``abs_pow_vjp`` is one device-generic kernel of ATen calls
+(no CUDA source of its own), so it keeps running from ``pathsgd._C``.
 """
 from __future__ import annotations
 
@@ -17,13 +24,36 @@ from torch import Tensor
 from . import reference
 
 _OP_NAMES = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
+# The ops with CUDA kernels in csrc/cuda/ (what the CPU emulation of the CUDA code registers).
+CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_")
+BACKENDS = ("auto", "compiled", "reference", "cuda-emu")
+
+
+def _backend_choice() -> str:
+    choice = os.environ.get("PATHSGD_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"PATHSGD_BACKEND must be one of {', '.join(map(repr, BACKENDS))}, got {choice!r}")
+    return choice
+
+
+def load_cuda_emulation() -> str:
+    """Loads the CPU emulation of the CUDA kernels named by ``PATHSGD_CUDA_EMU``; returns its path.
+
+    Raises ``RuntimeError`` saying what to do when the variable is unset or the library is missing.
+    """
+    path = os.environ.get("PATHSGD_CUDA_EMU", "")
+    if not path or not os.path.isfile(path):
+        raise RuntimeError(
+            "the CUDA emulation library is not available: PATHSGD_CUDA_EMU must name the library that "
+            f"`make cuda-emu` builds (build/cuda-emu/libpathsgd_emu.so), got {path!r}")
+    if not hasattr(torch.ops.pathsgd_emu, "fused_dense_step_"):
+        torch.ops.load_library(path)
+    return path
 
 
 def _load_extension() -> Optional[str]:
     """Imports pathsgd._C; returns None on success, else why the reference backend is used."""
-    choice = os.environ.get("PATHSGD_BACKEND", "auto")
-    if choice not in ("auto", "compiled", "reference"):
-        raise ValueError(f"PATHSGD_BACKEND must be 'auto', 'compiled' or 'reference', got {choice!r}")
+    choice = _backend_choice()
     if choice == "reference":
         return "PATHSGD_BACKEND=reference is set"
     try:
@@ -37,13 +67,18 @@ def _load_extension() -> Optional[str]:
                            "installed: rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`")
         except ImportError:
             reason += "; build it with `pip install --no-build-isolation .`"
-        if choice == "compiled":
-            raise ImportError(f"PATHSGD_BACKEND=compiled but {reason}") from exc
+        if choice in ("compiled", "cuda-emu"):
+            raise ImportError(f"PATHSGD_BACKEND={choice} but {reason}") from exc
         return reason
     return None
 
 
 _UNAVAILABLE_REASON = _load_extension()
+# The namespace whose kernels the CUDA-backed ops call: the emulated CUDA kernels under cuda-emu.
+CUDA_EMULATED = _backend_choice() == "cuda-emu"
+if CUDA_EMULATED:
+    load_cuda_emulation()
+_K = torch.ops.pathsgd_emu if CUDA_EMULATED else torch.ops.pathsgd
 _warned: set = set()
 
 
@@ -70,9 +105,13 @@ def compiled_available() -> bool:
 
 def _kernels_registered(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    names = [f"pathsgd::{name}" for name in _OP_NAMES]
+    if CUDA_EMULATED:
+        names = [f"pathsgd_emu::{n}" if n in CUDA_KERNEL_OPS else f"pathsgd::{n}" for n in _OP_NAMES]
     # "computed": abs_pow_vjp is one device-generic (CompositeExplicitAutograd) kernel.
-    return key is not None and all(
-        torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"pathsgd::{name}", key) for name in _OP_NAMES)
+    return all(torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, key) for name in names)
 
 
 # Registrations happen at import of pathsgd._C and never change afterwards: ask once, and keep
@@ -86,8 +125,10 @@ def has_kernel(device_type: str) -> bool:
 
 
 def backend_for(device_type: str) -> str:
-    """'compiled' or 'reference': what the ops use for tensors on ``device_type``."""
-    return "compiled" if has_kernel(device_type) else "reference"
+    """'compiled', 'cuda-emu' (CPU tensors through the emulated CUDA kernels) or 'reference'."""
+    if not has_kernel(device_type):
+        return "reference"
+    return "cuda-emu" if CUDA_EMULATED and device_type == "cpu" else "compiled"
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -113,7 +154,7 @@ def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamm
                   p: float) -> Tuple[Tensor, Tensor]:
     """Normalized ``(|W|^p gamma_in + |b|^p, log_scale)``; see :func:`pathsgd.reference.gamma_forward`."""
     if _use_compiled(weight):
-        return torch.ops.pathsgd.gamma_forward.default(weight, bias, gamma_in, gamma_in_log_scale, p)
+        return _K.gamma_forward.default(weight, bias, gamma_in, gamma_in_log_scale, p)
     return reference.gamma_forward(weight, bias, gamma_in, gamma_in_log_scale, p)
 
 
@@ -126,7 +167,7 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
     args = (weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out, gamma_out_log_scale, p, lr,
             momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
     if _use_compiled(weight):
-        return torch.ops.pathsgd.fused_dense_step_.default(*args)
+        return _K.fused_dense_step_.default(*args)
     return reference.fused_dense_step_(*args)
 
 
@@ -141,7 +182,7 @@ def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffe
     args = (params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
             first_step, eps, clamp_min, clamp_max, lr_tensor)
     if _use_compiled(params[0]):
-        torch.ops.pathsgd.scaled_sgd_update_.default(*args)
+        _K.scaled_sgd_update_.default(*args)
     else:
         reference.scaled_sgd_update_(*args)
 
@@ -151,7 +192,7 @@ def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
     if not tensors:
         return
     if _use_compiled(tensors[0]):
-        torch.ops.pathsgd.clamp_.default(tensors, lo, hi)
+        _K.clamp_.default(tensors, lo, hi)
     else:
         reference.clamp_(tensors, lo, hi)
 
@@ -164,27 +205,35 @@ def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor],
     return reference.abs_pow_vjp(values, leaves, seeds, seed_slots, program, factors)
 
 
+def _gamma_forward_fake(weight, bias, gamma_in, gamma_in_log_scale, p):
+    return gamma_in.new_empty((weight.shape[0],)), gamma_in_log_scale.new_empty(())
+
+
+def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
+                           gamma_out_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step, eps, clamp_min, clamp_max, lr_tensor):
+    return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
+
+
+def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay,
+                            nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor):
+    return None
+
+
+def _clamp_fake(tensors, lo, hi):
+    return None
+
+
+def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
+    return [torch.empty_like(t) for t in leaves]
+
+
+_FAKES = {"gamma_forward": _gamma_forward_fake, "fused_dense_step_": _fused_dense_step_fake,
+          "scaled_sgd_update_": _scaled_sgd_update_fake, "clamp_": _clamp_fake, "abs_pow_vjp": _abs_pow_vjp_fake}
+
 if compiled_available():
     # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.
-    @torch.library.register_fake("pathsgd::gamma_forward")
-    def _gamma_forward_fake(weight, bias, gamma_in, gamma_in_log_scale, p):
-        return gamma_in.new_empty((weight.shape[0],)), gamma_in_log_scale.new_empty(())
-
-    @torch.library.register_fake("pathsgd::fused_dense_step_")
-    def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
-                               gamma_out_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                               first_step, eps, clamp_min, clamp_max, lr_tensor):
-        return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
-
-    @torch.library.register_fake("pathsgd::scaled_sgd_update_")
-    def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay,
-                                nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor):
-        return None
-
-    @torch.library.register_fake("pathsgd::clamp_")
-    def _clamp_fake(tensors, lo, hi):
-        return None
-
-    @torch.library.register_fake("pathsgd::abs_pow_vjp")
-    def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
-        return [torch.empty_like(t) for t in leaves]
+    for _name, _fake in _FAKES.items():
+        torch.library.register_fake(f"pathsgd::{_name}")(_fake)
+        if CUDA_EMULATED and _name in CUDA_KERNEL_OPS:
+            torch.library.register_fake(f"pathsgd_emu::{_name}")(_fake)

@@ -1,22 +1,34 @@
 """CUDA kernels of pathsgd._C against pathsgd.reference and against the CPU kernels.
 
-Every op is compared with the pure-PyTorch twin (run on the GPU) and with the
+Every op is compared with the pure-PyTorch twin (run on the same device) and with the
 compiled CPU op on CPU copies of the same inputs, over odd sizes, all dtypes,
-non-contiguous inputs and every hyper-parameter combination; repeated runs must
-be bit-identical. Skipped when no GPU (or no CUDA build of the extension) is there.
+non-contiguous inputs and the hyper-parameter variants; repeated runs must be
+bit-identical.
+
+Where the CUDA kernels run:
+- on a GPU, when one is visible and pathsgd._C has CUDA kernels;
+- otherwise on the CPU emulation of the CUDA runtime, when ``PATHSGD_CUDA_EMU`` names
+  the library ``make cuda-emu`` builds: the same kernels and host wrappers, registered
+  as ``torch.ops.pathsgd_emu.*`` on CPU tensors, with CUDA's launch rules, 32-lane
+  shuffles and barrier checks (``make test-cuda-emu``);
+- neither: every test is skipped, saying why.
+Under the emulation each combination grid is cut to a covering set (every pair of
+values of any two axes occurs), so every kernel, dtype, hyper-parameter variant and
+size class runs without running every combination; ``PATHSGD_CUDA_EMU_ALL=1`` runs
+them all, and ``PATHSGD_CUDA_SLOW=1`` adds the tall/wide layers and the tensors of more
+than 2^31 elements.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import zlib
 
 import pytest
 import torch
 
 from pathsgd import reference
-
-DEVICE = "cuda"
 
 try:  # the compiled extension registers the ops on import
     import pathsgd._C  # noqa: F401
@@ -27,30 +39,75 @@ except ImportError:  # pragma: no cover - depends on the build
 
 
 def _has_cuda_kernels() -> bool:
+    return _HAVE_EXT and torch._C._dispatch_has_kernel_for_dispatch_key("pathsgd::fused_dense_step_", "CUDA")
+
+
+def _choose_target():
+    """(device, namespace of the CUDA kernels, emulated?, why skipped or None)."""
+    if torch.cuda.is_available():
+        if not _HAVE_EXT:
+            return "cuda", None, False, "pathsgd._C (the compiled extension) is not built"
+        if not _has_cuda_kernels():
+            return "cuda", None, False, "pathsgd._C was built without CUDA kernels"
+        return "cuda", torch.ops.pathsgd, False, None
+    if not os.environ.get("PATHSGD_CUDA_EMU"):
+        return "cpu", None, True, ("no CUDA GPU available and PATHSGD_CUDA_EMU is not set "
+                                   "(`make test-cuda-emu` runs these tests on the CPU emulation of CUDA)")
     if not _HAVE_EXT:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("pathsgd::fused_dense_step_", "CUDA")
-    except Exception:  # pragma: no cover - private API changed
-        return True
+        return "cpu", None, True, "pathsgd._C (the compiled extension, the CPU side of the comparison) is not built"
+    from pathsgd import ops as pathsgd_ops
+    pathsgd_ops.load_cuda_emulation()  # a missing library is an error, not a skip: the user asked for it
+    return "cpu", torch.ops.pathsgd_emu, True, None
 
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU available"),
-    pytest.mark.skipif(not _HAVE_EXT, reason="pathsgd._C (the compiled extension) is not built"),
-    pytest.mark.skipif(torch.cuda.is_available() and not _has_cuda_kernels(),
-                       reason="pathsgd._C was built without CUDA kernels"),
-]
+DEVICE, _DEV_OPS, EMULATED, _SKIP_REASON = _choose_target()
+RUN_ALL = not EMULATED or os.environ.get("PATHSGD_CUDA_EMU_ALL") == "1"
+SLOW = os.environ.get("PATHSGD_CUDA_SLOW") == "1"
+
+pytestmark = [pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON))]
+on_gpu_only = pytest.mark.skipif(EMULATED, reason="needs a real GPU (the emulation has CPU tensors only)")
+slow = pytest.mark.skipif(not SLOW, reason="slow set: PATHSGD_CUDA_SLOW=1 runs it")
+
+
+def ops():
+    """The CUDA kernels (on the GPU, or emulated on CPU tensors)."""
+    return _DEV_OPS
+
+
+def cpu_ops():
+    """The compiled CPU kernels."""
+    return torch.ops.pathsgd
+
+
+def covering(*axes, where=lambda *combo: True):
+    """The combinations of the axes' values that satisfy ``where``: all of them, or (under the
+    emulation) a subset in which every pair of values of any two axes occurs at least once, a dict
+    value (a hyper-parameter set) counting as one axis per key (greedy all-pairs; deterministic)."""
+    full = [c for c in itertools.product(*axes) if where(*c)]
+    if RUN_ALL:
+        return full
+
+    def features(combo):
+        flat = []
+        for i, v in enumerate(combo):
+            flat += [(f"{i}.{k}", repr(x)) for k, x in v.items()] if isinstance(v, dict) else [(str(i), repr(v))]
+        return {(a, b) for a, b in itertools.combinations(flat, 2)}
+
+    feats = [features(c) for c in full]
+    missing = set().union(*feats)
+    chosen = []
+    while missing:
+        k = max(range(len(full)), key=lambda i: len(feats[i] & missing))
+        chosen.append(full[k])
+        missing -= feats[k]
+    return chosen
+
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Relative tolerance of a tensor stored in `dtype` (opmath results of half types are float32).
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PS = [1.0, 2.0, 3.0]
 DENSE_SHAPES = [(1, 1), (7, 1), (1, 7), (7, 33), (33, 7), (1000, 7), (7, 1000), (4097, 3), (3, 4097), (130, 257)]
-
-
-def ops():
-    return torch.ops.pathsgd
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:
@@ -112,10 +169,9 @@ def unaligned_copy(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # gamma_forward
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", DENSE_SHAPES + [(64, 5000), (2000, 300)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", PS)
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape,dtype,p,with_bias",
+                         covering(DENSE_SHAPES + [(64, 5000), (2000, 300), (1, 82000), (82000, 1), (65537, 2)],
+                                  DTYPES, PS, [False, True]))
 def test_gamma_forward(shape, dtype, p, with_bias):
     gen = torch.Generator().manual_seed(seed_of(shape, dtype, p, with_bias))
     rows, cols = shape
@@ -123,7 +179,7 @@ def test_gamma_forward(shape, dtype, p, with_bias):
     b = torch.randn(rows, generator=gen, dtype=torch.float64).to(dtype) if with_bias else None
     gin = gamma_vector(cols, dtype, gen)
     s = log_scale(-1.25)
-    y_cpu, t_cpu = ops().gamma_forward.default(w, b, gin, s, p)
+    y_cpu, t_cpu = cpu_ops().gamma_forward.default(w, b, gin, s, p)
     y_dev, t_dev = ops().gamma_forward.default(w.to(DEVICE), to_dev(b), gin.to(DEVICE), s.to(DEVICE), p)
     y_ref, t_ref = reference.gamma_forward(w.to(DEVICE), to_dev(b), gin.to(DEVICE), s.to(DEVICE), p)
     assert y_dev.device.type == DEVICE and t_dev.device.type == DEVICE
@@ -185,7 +241,7 @@ def test_gamma_forward_zero_and_extreme(dtype):
     if dtype == torch.float32:
         b = torch.tensor([1e20, -3.0, 0.0], dtype=dtype)
         w3, g3, s3 = torch.randn(3, 4, dtype=dtype), torch.ones(4, dtype=dtype), log_scale(0.0)
-        y_cpu, t_cpu = ops().gamma_forward.default(w3, b, g3, s3, 3.0)
+        y_cpu, t_cpu = cpu_ops().gamma_forward.default(w3, b, g3, s3, 3.0)
         y, t = ops().gamma_forward.default(w3.to(DEVICE), b.to(DEVICE), g3.to(DEVICE), s3.to(DEVICE), 3.0)
         assert torch.isfinite(y).all() and math.isfinite(t.item())
         assert_close(y, y_cpu, dtype, "huge bias")
@@ -229,6 +285,11 @@ def _hyper_id(h):
             f"max{int(h['maximize'])}-fs{int(h['first_step'])}-{c}")
 
 
+def _case_id(value):
+    """Test ids of a covering() parameter: hyper-parameter sets by their values, the rest as pytest does."""
+    return _hyper_id(value) if isinstance(value, dict) else None
+
+
 def _dense_inputs(shape, dtype, seed, with_grad=True, momentum=0.9):
     gen = torch.Generator().manual_seed(seed)
     rows, cols = shape
@@ -266,7 +327,7 @@ def _check_dense(shape, dtype, p, h, with_grad=True, noncontig=False, eps=0.05, 
     lr = 0.05
     dev = _run_dense(ops().fused_dense_step_.default, inputs, DEVICE, p, lr, h, eps, noncontig=noncontig)
     ref = _run_dense(reference.fused_dense_step_, inputs, DEVICE, p, lr, h, eps)
-    cpu = _run_dense(ops().fused_dense_step_.default, inputs, "cpu", p, lr, h, eps)
+    cpu = _run_dense(cpu_ops().fused_dense_step_.default, inputs, "cpu", p, lr, h, eps)
     w, buf, y, t = dev
     assert y.device.type == DEVICE and t.device.type == DEVICE and t.dtype == torch.float64
     odt = opmath(dtype)
@@ -285,31 +346,26 @@ def _check_dense(shape, dtype, p, h, with_grad=True, noncontig=False, eps=0.05, 
     return dev
 
 
-@pytest.mark.parametrize("h", HYPER, ids=_hyper_id)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("h,dtype,p", covering(HYPER, DTYPES, PS), ids=_case_id)
 def test_fused_dense_step_hyper(h, dtype, p):
     _check_dense((33, 70), dtype, p, h)
 
 
-@pytest.mark.parametrize("shape", DENSE_SHAPES + [(1000, 1000), (2100, 64)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", PS)
-@pytest.mark.parametrize("h", HYPER_SMALL, ids=_hyper_id)
+@pytest.mark.parametrize("shape,dtype,p,h",
+                         covering(DENSE_SHAPES + [(1000, 1000), (2100, 64), (1, 82000), (82000, 1), (65537, 2)],
+                                  DTYPES, PS, HYPER_SMALL),
+                         ids=_case_id)
 def test_fused_dense_step_shapes(shape, dtype, p, h):
     _check_dense(shape, dtype, p, h, seed=7)
 
 
-@pytest.mark.parametrize("shape", [(7, 33), (4097, 3), (3, 4097), (1000, 7)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("shape,dtype,p", covering([(7, 33), (4097, 3), (3, 4097), (1000, 7)], DTYPES, PS))
 def test_fused_dense_step_grad_none(shape, dtype, p):
     _check_dense(shape, dtype, p, HYPER_SMALL[1], with_grad=False)
 
 
-@pytest.mark.parametrize("shape", [(7, 33), (33, 7), (1000, 7)])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("h", HYPER_SMALL, ids=_hyper_id)
+@pytest.mark.parametrize("shape,dtype,h", covering([(7, 33), (33, 7), (1000, 7)], DTYPES, HYPER_SMALL),
+                         ids=_case_id)
 def test_fused_dense_step_non_contiguous(shape, dtype, h):
     _check_dense(shape, dtype, 2.0, h, noncontig=True)
 
@@ -327,12 +383,11 @@ def test_fused_dense_step_lr_tensor(dtype):
     # A float32 lr tensor is cast like the CPU does (float32 value -> float64 -> opmath).
     lr32 = torch.tensor(0.05, dtype=torch.float32)
     got = _run_dense(ops().fused_dense_step_.default, inputs, DEVICE, 2.0, 1.0, h, 1e-4, lr_tensor=lr32.to(DEVICE))
-    cpu = _run_dense(ops().fused_dense_step_.default, inputs, "cpu", 2.0, 1.0, h, 1e-4, lr_tensor=lr32)
+    cpu = _run_dense(cpu_ops().fused_dense_step_.default, inputs, "cpu", 2.0, 1.0, h, 1e-4, lr_tensor=lr32)
     assert_close(got[0], cpu[0], dtype, "weight with float32 lr_tensor")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(4097, 3), (3, 4097), (1024, 1024), (2500, 130), (65, 9000)])
+@pytest.mark.parametrize("dtype,shape", covering(DTYPES, [(4097, 3), (3, 4097), (1024, 1024), (2500, 130), (65, 9000)]))
 def test_fused_dense_step_deterministic_and_alignment_independent(dtype, shape):
     h = HYPER_SMALL[1]
     inputs = _dense_inputs(shape, dtype, 11, momentum=h["momentum"])
@@ -351,6 +406,77 @@ def test_fused_dense_step_deterministic_and_alignment_independent(dtype, shape):
             assert same_bits(a, b)
 
 
+@slow
+@pytest.mark.parametrize("shape", [(300_000, 3), (3, 300_000), (1, 1_000_000), (1_000_000, 1), (70_000, 70)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tall_and_wide_layers_slow(shape, dtype):
+    """Layers whose reductions run over 10^5-10^6 terms. A float32 reduction of that length is not
+    accurate to float32 rounding in every order (the reference's float32 matrix-vector product was
+    measured 3.5e-5 off on a 10^6 x 1 layer, the emulated CUDA kernel 5e-8), so the CUDA kernels are
+    compared with the reference evaluated in float64 at the dtype's tolerance, and with the CPU
+    kernel: elementwise results at the dtype's tolerance, reductions at 1e-4 (the CPU fused pass
+    sums up to rows / 16 terms of a column in sequence: 3.3e-5 off on a 10^6 x 1 float16 layer)."""
+    h = HYPER_SMALL[1]
+    inputs = _dense_inputs(shape, dtype, 13, momentum=h["momentum"])
+    dev = _run_dense(ops().fused_dense_step_.default, inputs, DEVICE, 2.0, 0.05, h, 0.05)
+    cpu = _run_dense(cpu_ops().fused_dense_step_.default, inputs, "cpu", 2.0, 0.05, h, 0.05)
+    exact = _run_dense(reference.fused_dense_step_, [None if x is None else x.double() for x in inputs], "cpu",
+                       2.0, 0.05, h, 0.05)
+    odt = opmath(dtype)
+    for name, other in (("float64 reference", exact), ("cpu", cpu)):
+        assert_close(dev[0], other[0].to(dtype), dtype, f"weight vs {name}")
+        assert_close(dev[1], other[1].to(dtype), dtype, f"momentum buffer vs {name}")
+    assert_close(dev[2], exact[2].to(odt), odt, "gamma_out vs float64 reference")
+    assert_close(dev[3], exact[3], odt, "log scale vs float64 reference")
+    torch.testing.assert_close(dev[2], cpu[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dev[3], cpu[3], rtol=1e-4, atol=0)
+    again = _run_dense(ops().fused_dense_step_.default, inputs, DEVICE, 2.0, 0.05, h, 0.05)
+    assert all(same_bits(a, b) for a, b in zip(dev, again)), "repeat run differs"
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    gin, s = gamma_vector(shape[1], dtype, gen), log_scale(0.25)
+    y_dev, t_dev = ops().gamma_forward.default(w.to(DEVICE), None, gin.to(DEVICE), s.to(DEVICE), 2.0)
+    y_cpu, t_cpu = cpu_ops().gamma_forward.default(w, None, gin, s, 2.0)
+    y_ref, t_ref = reference.gamma_forward(w.double(), None, gin.double(), s, 2.0)
+    assert_close(y_dev, y_ref.to(odt), odt, "gamma vs float64 reference")
+    assert_close(t_dev, t_ref, odt, "log scale vs float64 reference")
+    torch.testing.assert_close(y_dev, y_cpu, rtol=1e-4, atol=1e-4)  # the CPU sums a row in 32 lanes
+    torch.testing.assert_close(t_dev, t_cpu, rtol=1e-4, atol=0)
+
+
+@slow
+def test_more_than_2_31_elements_slow():
+    """Index arithmetic past int32: a float16 weight and a clamped tensor of more than 2^31 elements
+    (about 4.3 GB each), against the CPU kernels."""
+    rows, cols = 65537, 32769  # 2,147,581,953 elements
+    assert rows * cols > 2 ** 31
+    w = torch.empty(rows, cols, dtype=torch.float16).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    gin = torch.rand(cols, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    gout = torch.rand(rows, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    s = log_scale(0.0)
+    y_dev, t_dev = ops().gamma_forward.default(w.to(DEVICE), None, gin.to(DEVICE), s.to(DEVICE), 2.0)
+    y_cpu, t_cpu = cpu_ops().gamma_forward.default(w, None, gin, s, 2.0)
+    assert_close(y_dev, y_cpu, torch.float32, "gamma_forward past 2^31 elements")
+    assert_close(t_dev, t_cpu, torch.float32, "its log scale")
+    # the read-only fused pass (no grad): the backward gamma over every element, the weight untouched
+    y_dev, t_dev = ops().fused_dense_step_.default(w.to(DEVICE), None, None, gin.to(DEVICE), s.to(DEVICE),
+                                                   gout.to(DEVICE), s.to(DEVICE), 2.0, 0.1, 0.0, 0.0, 0.0, False,
+                                                   False, False, 1e-12, None, None, None)
+    y_cpu, t_cpu = cpu_ops().fused_dense_step_.default(w, None, None, gin, s, gout, s, 2.0, 0.1, 0.0, 0.0, 0.0, False,
+                                                       False, False, 1e-12, None, None, None)
+    assert_close(y_dev, y_cpu, torch.float32, "gamma_out past 2^31 elements")
+    del y_cpu, gin, gout
+    flat = w.view(-1)
+    del w
+    expected = flat[-1000:].clamp(-0.5, 0.25)
+    head = flat[:1000].clamp(-0.5, 0.25)
+    dev = flat.to(DEVICE)
+    del flat
+    ops().clamp_.default([dev], -0.5, 0.25)
+    assert torch.equal(dev[-1000:].cpu(), expected) and torch.equal(dev[:1000].cpu(), head)
+    assert dev.max().item() <= 0.25 and dev.min().item() >= -0.5
+
+
 def test_fused_dense_step_out_of_range_gamma():
     # Log scales far outside float32: kappa^(2/p) is built in float64 from logs, so no overflow.
     h = HYPER_SMALL[0]
@@ -358,7 +484,7 @@ def test_fused_dense_step_out_of_range_gamma():
         inputs = list(_dense_inputs((20, 30), torch.float32, 5, momentum=0.0))
         inputs[4], inputs[6] = log_scale(s_in), log_scale(s_out)
         dev = _run_dense(ops().fused_dense_step_.default, inputs, DEVICE, 2.0, 0.05, h, 1e-30)
-        cpu = _run_dense(ops().fused_dense_step_.default, inputs, "cpu", 2.0, 0.05, h, 1e-30)
+        cpu = _run_dense(cpu_ops().fused_dense_step_.default, inputs, "cpu", 2.0, 0.05, h, 1e-30)
         assert_close(dev[0], cpu[0], torch.float32, f"weight with log scales {s_in}, {s_out}")
         assert_close(dev[2], cpu[2], torch.float32, "gamma_out")
 
@@ -378,10 +504,15 @@ def test_fused_dense_step_errors():
     gin, gout = torch.ones(3, device=DEVICE), torch.ones(4, device=DEVICE)
     s = log_scale(0.0).to(DEVICE)
     args = (0.1, 0.0, 0.0, 0.0, False, False, False, 1e-12, None, None, None)
+    if not EMULATED:  # tensors on two devices (every tensor is a CPU tensor under the emulation)
+        with pytest.raises(RuntimeError, match="gamma_in"):
+            ops().fused_dense_step_.default(w, None, None, gin.cpu(), s, gout, s, 2.0, *args)
+        with pytest.raises(RuntimeError, match="grad"):
+            ops().fused_dense_step_.default(w, torch.randn(4, 3), None, gin, s, gout, s, 2.0, *args)
     with pytest.raises(RuntimeError, match="gamma_in"):
-        ops().fused_dense_step_.default(w, None, None, gin.cpu(), s, gout, s, 2.0, *args)
+        ops().fused_dense_step_.default(w, None, None, torch.ones(4, device=DEVICE), s, gout, s, 2.0, *args)
     with pytest.raises(RuntimeError, match="grad"):
-        ops().fused_dense_step_.default(w, torch.randn(4, 3), None, gin, s, gout, s, 2.0, *args)
+        ops().fused_dense_step_.default(w, torch.randn(3, 4, device=DEVICE), None, gin, s, gout, s, 2.0, *args)
     with pytest.raises(RuntimeError, match="gamma_out"):
         ops().fused_dense_step_.default(w, None, None, gin, s, torch.ones(5, device=DEVICE), s, 2.0, *args)
     with pytest.raises(RuntimeError, match="p must be"):
@@ -441,7 +572,7 @@ def _check_sgd(dtypes, p, h, noncontig=False, seed=0, shapes=SGD_SHAPES):
     lr, eps = 0.05, 0.3
     dev = _run_sgd(ops().scaled_sgd_update_.default, inputs, DEVICE, p, lr, h, eps, noncontig=noncontig)
     ref = _run_sgd(reference.scaled_sgd_update_, inputs, DEVICE, p, lr, h, eps)
-    cpu = _run_sgd(ops().scaled_sgd_update_.default, inputs, "cpu", p, lr, h, eps)
+    cpu = _run_sgd(cpu_ops().scaled_sgd_update_.default, inputs, "cpu", p, lr, h, eps)
     for name, other in (("reference", ref), ("cpu", cpu)):
         for i, (a, b) in enumerate(zip(dev[0], other[0])):
             assert_close(a, b, a.dtype, f"param {i} vs {name}")
@@ -452,15 +583,12 @@ def _check_sgd(dtypes, p, h, noncontig=False, seed=0, shapes=SGD_SHAPES):
         assert same_bits(a, b), "repeat run differs"
 
 
-@pytest.mark.parametrize("h", HYPER, ids=_hyper_id)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("h,dtype,p", covering(HYPER, DTYPES, PS), ids=_case_id)
 def test_scaled_sgd_update_hyper(h, dtype, p):
     _check_sgd([dtype], p, h)
 
 
-@pytest.mark.parametrize("h", HYPER_SMALL, ids=_hyper_id)
-@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("h,p", covering(HYPER_SMALL, PS), ids=_case_id)
 def test_scaled_sgd_update_mixed_dtypes_non_contiguous(h, p):
     _check_sgd(DTYPES, p, h, noncontig=True, seed=4)
 
@@ -495,9 +623,12 @@ def test_scaled_sgd_update_errors():
     with pytest.raises(RuntimeError, match="kappa 0"):
         ops().scaled_sgd_update_.default([p], [torch.randn(5, device=DEVICE)], [], [torch.ones(5, device=DEVICE)],
                                          *args)
+    kappa = torch.ones(5, dtype=torch.float64, device=DEVICE)
+    if not EMULATED:  # a CPU grad next to a CUDA parameter
+        with pytest.raises(RuntimeError, match="grad 0"):
+            ops().scaled_sgd_update_.default([p], [torch.randn(5)], [], [kappa], *args)
     with pytest.raises(RuntimeError, match="grad 0"):
-        ops().scaled_sgd_update_.default([p], [torch.randn(5)], [], [torch.ones(5, dtype=torch.float64,
-                                                                                 device=DEVICE)], *args)
+        ops().scaled_sgd_update_.default([p], [torch.randn(6, device=DEVICE)], [], [kappa], *args)
     with pytest.raises(RuntimeError, match="same length"):
         ops().scaled_sgd_update_.default([p], [], [], [], *args)
 
@@ -518,7 +649,7 @@ def test_clamp(dtype):
         dev[2] = dev[2].t().contiguous().t()  # non-contiguous
         ops().clamp_.default(dev, lo, hi)
         cpu = [t.clone() for t in ts]
-        ops().clamp_.default(cpu, lo, hi)
+        cpu_ops().clamp_.default(cpu, lo, hi)
         ref = [t.to(DEVICE) for t in ts]
         reference.clamp_(ref, lo, hi)
         for a, b, c in zip(dev, cpu, ref):
@@ -538,6 +669,7 @@ def test_clamp_many_tensors_mixed_and_errors():
         ops().clamp_.default([torch.ones(3, device=DEVICE)], 1.0, -1.0)
 
 
+@on_gpu_only
 def test_no_host_sync():
     """The CUDA ops never synchronize with the host (log scales and lr_tensor are read on the device)."""
     h = HYPER_SMALL[1]
@@ -559,6 +691,7 @@ def test_no_host_sync():
     assert math.isfinite(t.item())
 
 
+@on_gpu_only
 def test_abs_pow_vjp_cuda_matches_reference_and_cpu():
     """pathsgd::abs_pow_vjp (one device-generic kernel) on CUDA tensors: the programs of the
     CPU kernel tests, against the Python twin on the GPU and the compiled op on the CPU."""
@@ -581,7 +714,7 @@ def test_abs_pow_vjp_cuda_matches_reference_and_cpu():
         got = ops().abs_pow_vjp.default(*on[:3], slots, program, factors)
         again = ops().abs_pow_vjp.default(*on[:3], slots, program, factors)
         want = reference.abs_pow_vjp(*on[:3], slots, program, factors)
-        cpu = ops().abs_pow_vjp.default(values, leaves, seeds, slots, program, factors)
+        cpu = cpu_ops().abs_pow_vjp.default(values, leaves, seeds, slots, program, factors)
         for a, b, c, d in zip(got, again, want, cpu):
             assert a.device.type == torch.device(DEVICE).type
             torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
