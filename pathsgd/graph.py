@@ -93,9 +93,15 @@ def _sharded_types() -> Tuple[type, ...]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameters the optimizer updates: DDP/DataParallel are unwrapped; FSDP is refused."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    """The module whose parameters the optimizer updates: DDP/DataParallel and ``torch.compile``
+    wrappers are unwrapped; FSDP is refused."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile(model): same parameters, eager module inside
+        else:
+            break
     sharded = _sharded_types()
     for name, module in model.named_modules():
         is_sharded = isinstance(module, sharded) or type(module).__name__.startswith("FSDP") or any(

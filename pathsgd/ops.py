@@ -139,7 +139,28 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"pathsgd._C was built without {device_type.upper()} kernels"
 
 
+# Set while an optimizer built with foreach=False or fused=False steps: the twin runs instead.
+_FORCED_REFERENCE = False
+
+
+class use_reference:
+    """``with use_reference(True):`` the ops run their pure-PyTorch twins (no warning)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        global _FORCED_REFERENCE
+        self.previous, _FORCED_REFERENCE = _FORCED_REFERENCE, self.enabled or _FORCED_REFERENCE
+
+    def __exit__(self, *exc: object) -> None:
+        global _FORCED_REFERENCE
+        _FORCED_REFERENCE = self.previous
+
+
 def _use_compiled(t: Tensor) -> bool:
+    if _FORCED_REFERENCE:
+        return False
     device_type = t.device.type
     if device_type == "meta" or has_kernel(device_type):
         return compiled_available()

@@ -80,13 +80,19 @@ class PathSGD(Optimizer):
 
     Args:
         params: the model (``nn.Module``), or parameters / param groups with ``model=``.
-        lr: learning rate (float or 1-element tensor). Default 0.01 (DESIGN.md section 4).
-        momentum: momentum factor. Default 0.9 (DESIGN.md section 4; torch.optim.SGD uses 0).
+        lr: learning rate (float or 1-element tensor). Default 1e-3, as torch.optim.SGD. Path-scaled
+            steps are much larger than SGD's at default initialization: start 10-100x below SGD's lr.
+        momentum: momentum factor. Default 0 (the paper's algorithm), as torch.optim.SGD.
         dampening: dampening for momentum.
         weight_decay: L2 penalty, added to the path-scaled gradient.
         nesterov: Nesterov momentum.
         maximize: maximize the objective.
-        p: the p of the path norm (>= 1).
+        foreach, fused: ``None`` or ``True``: the compiled kernels (fused passes, multi-tensor updates);
+            ``False``: this optimizer steps with the pure-PyTorch reference ops (for debugging). They
+            cannot both be True, as in torch.optim.SGD.
+        differentiable: must be False (a differentiable step through the kernels is not supported).
+        p: the p of the path norm (>= 1: for p < 1 the path-scaled step is not defined as in the paper,
+            and kappa^(2/p) of a quasi-norm does not make the update rescaling invariant).
         clamp: ``None``, ``c`` for ``(-c, c)``, or ``(lo, hi)``: clamp after the step.
         eps: lower bound of ``kappa^(2/p)``.
         input_shape: input shape without batch dim (needed for convolutions).
@@ -94,11 +100,19 @@ class PathSGD(Optimizer):
         check_finite: raise before the step if a weight is non-finite (costs a sync).
     """
 
-    def __init__(self, params: Union[nn.Module, Iterable[Tensor], Iterable[Dict[str, Any]]], lr: Union[float, Tensor] = 0.01,
-                 momentum: float = 0.9, dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
-                 maximize: bool = False, p: float = 2, clamp: ClampArg = None, eps: float = 1e-12,
+    def __init__(self, params: Union[nn.Module, Iterable[Tensor], Iterable[Dict[str, Any]]],
+                 lr: Union[float, Tensor] = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 p: float = 2, clamp: ClampArg = None, eps: float = 1e-12,
                  input_shape: Optional[Tuple[int, ...]] = None, model: Optional[nn.Module] = None,
                  check_finite: bool = False) -> None:
+        if differentiable:
+            raise ValueError("PathSGD does not support differentiable=True: its step runs fused kernels under "
+                             "torch.no_grad(); use differentiable=False (the default)")
+        if foreach and fused:
+            raise ValueError("`fused` and `foreach` cannot be `True` together.")
+        self.use_reference = foreach is False or fused is False
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("PathSGD got a model both as the first argument and as model=")
@@ -111,7 +125,8 @@ class PathSGD(Optimizer):
         self._param_names = {id(t): name for name, t in self.graph.named_parameters().items()}
         self.check_finite = check_finite
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize, p=p, clamp=clamp, eps=eps)
+                        maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
+                        eps=eps)
         _check_group(dict(defaults))
         super().__init__(params, defaults)
 
@@ -142,6 +157,10 @@ class PathSGD(Optimizer):
             group.setdefault("clamp", None)
             group.setdefault("eps", 1e-12)
             group.setdefault("p", 2)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("differentiable", False)
+        self.__dict__.setdefault("use_reference", False)
 
     def param_name(self, param: Tensor) -> str:
         return self._param_names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
@@ -169,7 +188,18 @@ class PathSGD(Optimizer):
                                        f"{param.dtype}, {param.device})")
                 param_state = state.get(param) if momentum != 0 else None
                 buffer = param_state.get("momentum_buffer") if param_state else None
-                updates[param] = ParamUpdate(param, grad, group, buffer)
+                update = updates[param] = ParamUpdate(param, grad, group, buffer)
+                if buffer is not None and (buffer.dtype != param.dtype or buffer.device != param.device
+                                           or buffer.shape != param.shape or not buffer.is_contiguous()):
+                    # The model was cast or moved after earlier steps (model.double(), .to(...)):
+                    # carry on with the buffer cast like the parameter, as torch.optim.SGD does.
+                    # Stored back only after the step, so an error here changes nothing.
+                    if buffer.shape != param.shape:
+                        raise RuntimeError(f"momentum buffer of '{self.param_name(param)}' has shape "
+                                           f"{tuple(buffer.shape)}, the parameter {tuple(param.shape)}")
+                    update.buffer = buffer.to(device=param.device, dtype=param.dtype,
+                                              memory_format=torch.contiguous_format, copy=True)
+                    update.buffer_replaced = True
         if updates and self.check_finite:
             for name, param in self.graph.named_parameters().items():
                 if not bool(torch.isfinite(param).all()):
@@ -187,20 +217,22 @@ class PathSGD(Optimizer):
         if updates and isinstance(self.graph, GeneralGraph):
             self.graph.check_mode({id(t) for t in updates})
         if updates:
-            path_sgd(self.graph, updates)
+            with ops.use_reference(self.use_reference):
+                path_sgd(self.graph, updates)
             for update in updates.values():
-                if update.first_step:  # later steps update the stored buffer in place
+                if update.first_step or update.buffer_replaced:  # otherwise updated in place
                     self.state[update.param]["momentum_buffer"] = update.buffer
         return loss
 
 
 class ParamUpdate:
     """One parameter's update this step; ``buffer`` is None until momentum first runs."""
-    __slots__ = ("param", "grad", "group", "buffer", "first_step", "p", "_hyper")
+    __slots__ = ("param", "grad", "group", "buffer", "first_step", "buffer_replaced", "p", "_hyper")
 
     def __init__(self, param: Tensor, grad: Tensor, group: Dict[str, Any], buffer: Optional[Tensor]) -> None:
         self.param, self.grad, self.group, self.buffer = param, grad, group, buffer
         self.first_step = False
+        self.buffer_replaced = False
         self.p: float = group["p"]
         self._hyper: Optional[Dict[str, Any]] = None
 
