@@ -115,6 +115,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pathsgd", "pathsgd.*"]),
+    package_data={"pathsgd": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"test": ["pytest>=7.0", "hypothesis>=6.0"], "bench": ["matplotlib>=3.5", "tqdm>=4.60", "mnist1d>=0.0.2"]},

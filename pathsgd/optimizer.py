@@ -17,7 +17,7 @@ from .scales import LogScaled, chain_gamma_in, check_p
 
 ClampArg = Union[None, float, Tuple[float, float]]
 
-__all__ = ["PathSGD", "path_sgd"]
+__all__ = ["PathSGD"]
 
 
 def normalize_clamp(clamp: ClampArg) -> Optional[Tuple[float, float]]:
