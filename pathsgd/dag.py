@@ -64,10 +64,16 @@ SUPPORTED = ("supported: Linear, Conv1d/2d/3d (zero padding), ReLU, LeakyReLU, I
              "view, MaxPool/AvgPool/AdaptiveAvgPool/AdaptiveMaxPool, mean/sum over dims, residual additions, "
              "torch.cat, multiplication by a constant, and BatchNorm in eval mode with frozen parameters")
 
+# What a training loop runs after model.train() to keep BatchNorm frozen and Dropout active.
+BATCHNORM_FIX = ("for m in model.modules():\n"
+                 "    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):\n"
+                 "        m.eval()                 # running statistics: a fixed per-channel scale and shift\n"
+                 "        m.requires_grad_(False)  # its affine parameters are constants of the path graph")
+_BATCHNORM_WHY = ("BatchNorm in training mode normalizes by batch statistics, which undoes node rescaling. Keep "
+                  "it in eval mode with frozen parameters (Dropout and the rest of the model stay in training mode); "
+                  "run this after model.train() (and before building PathSGD):\n\n" + BATCHNORM_FIX + "\n")
 _WHY = [
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
-     "BatchNorm in training mode normalizes by batch statistics, which undoes node rescaling (call model.eval() "
-     "to freeze it, with its parameters excluded from the optimizer)"),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _BATCHNORM_WHY),
     ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm),
      "normalization layers divide by activation statistics, which breaks node-rescaling invariance"),
     ((nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer),
@@ -76,7 +82,9 @@ _WHY = [
     ((nn.RNNBase, nn.RNNCell, nn.LSTMCell, nn.GRUCell), "recurrent layers are not feed-forward DAGs of ReLU units"),
     ((nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Hardtanh,
       nn.ReLU6, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.CELU, nn.Tanhshrink, nn.Softsign),
-     "the activation is not positively homogeneous (f(c x) != c f(x) for c > 0)"),
+     "the activation is not positively homogeneous (f(c x) != c f(x) for c > 0) and it sits between weighted "
+     "layers (log_softmax, softmax, sigmoid and tanh are allowed as output transforms: after the last weighted "
+     "layer, feeding only the output)"),
 ]
 
 
@@ -433,11 +441,12 @@ class GeneralGraph:
         """BatchNorm must be in eval mode and not optimized, at every step."""
         for name, m in self.batchnorms.items():
             if m.training:
-                raise ValueError(f"pathsgd: module '{name}' ({type(m).__name__}) is in training mode: {_WHY[0][1]}")
+                raise ValueError(f"pathsgd: module '{name}' ({type(m).__name__}) is in training mode: {_BATCHNORM_WHY}")
             for pname, t in m.named_parameters():
                 if id(t) in optimized:
                     raise ValueError(f"pathsgd: parameter '{name}.{pname}' of {type(m).__name__} is in the optimizer;"
-                                     " BatchNorm is treated as frozen constants, so exclude its parameters")
+                                     " BatchNorm is treated as frozen constants, so exclude its parameters, e.g. "
+                                     "freeze them before building PathSGD(model):\n\n" + BATCHNORM_FIX + "\n")
 
     # ---- the abs-pow network ---------------------------------------------------------------------------------
     def evaluate(self, p: float, fused: frozenset, differentiable: bool = False,

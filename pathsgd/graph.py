@@ -144,6 +144,47 @@ def _trace(model: nn.Module) -> Tuple[torch.fx.GraphModule, str]:
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__), prefix
 
 
+# Functions applied to the logits after the last weighted layer (element- or row-wise). Node
+# rescaling of hidden units leaves the logits unchanged, so such a function does not affect
+# invariance: the path graph ends at its input. Allowed only where its value feeds the output alone.
+OUTPUT_TRANSFORM_MODULES: Tuple[type, ...] = (nn.LogSoftmax, nn.Softmax, nn.Softmin, nn.Sigmoid, nn.Tanh,
+                                              nn.LogSigmoid, nn.Softmax2d)
+OUTPUT_TRANSFORM_FUNCTIONS = {F.log_softmax, F.softmax, F.softmin, torch.log_softmax, torch.softmax, torch.sigmoid,
+                              F.sigmoid, torch.tanh, F.tanh, F.logsigmoid}
+OUTPUT_TRANSFORM_METHODS = {"log_softmax", "softmax", "sigmoid", "tanh"}
+
+
+def _is_output_transform(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], OUTPUT_TRANSFORM_MODULES)
+    if node.op == "call_function":
+        return node.target in OUTPUT_TRANSFORM_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in OUTPUT_TRANSFORM_METHODS
+    return False
+
+
+def strip_output_transforms(gm: torch.fx.GraphModule) -> List[str]:
+    """Removes the output transforms (log_softmax, softmax, sigmoid, tanh, ...) that end the model
+    and feed only its output, so the path graph ends at the logits; returns their fx node names."""
+    modules = dict(gm.named_modules())
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    stripped = []
+    while True:
+        node = out.args[0]
+        if not (isinstance(node, torch.fx.Node) and _is_output_transform(node, modules) and len(node.users) == 1):
+            break
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if len(tensor_args) != 1 or node.args[0] is not tensor_args[0]:
+            break
+        out.args = (tensor_args[0],)
+        gm.graph.erase_node(node)
+        stripped.append(node.name)
+    if stripped:
+        gm.recompile()
+    return stripped
+
+
 def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], PASSTHROUGH_MODULES)
@@ -188,11 +229,14 @@ def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = 
     chain of Linear layers (fused kernels), else a :class:`pathsgd.dag.GeneralGraph`.
 
     ``input_shape`` (without the batch dim) is required when there are convolutions.
-    Raises ValueError naming any module that breaks node-rescaling invariance.
+    Output transforms that end the model (log_softmax, softmax, sigmoid, tanh, ...) are left out:
+    the path graph ends at the logits. Raises ValueError naming any module that breaks
+    node-rescaling invariance.
     """
     from .dag import GeneralGraph
 
     model = unwrap_model(model)
     gm, prefix = _trace(model)
+    strip_output_transforms(gm)
     general = GeneralGraph(model, gm, input_shape, prefix)  # validates every node
     return dense_chain_of(gm, prefix) or general

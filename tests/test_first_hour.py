@@ -139,3 +139,155 @@ def test_compiled_model_is_unwrapped_and_trains_like_the_eager_one():
     for (name, a), b in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert (model[0].weight - start["0.weight"]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm in a normal training loop
+# ---------------------------------------------------------------------------------------------------------------
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.25)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.flatten(F.relu(self.bn(self.conv(x))), 1)))
+
+
+def _fix_from(message: str) -> str:
+    """The code block of an error message (the lines after its blank line)."""
+    return message.split("\n\n", 1)[1].strip()
+
+
+def test_batchnorm_message_shows_the_fix_and_the_fix_works():
+    torch.manual_seed(0)
+    model = BNNet()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    with torch.no_grad():  # some running statistics, as after a pre-training phase
+        model(x)
+    with pytest.raises(ValueError, match="training mode") as info:
+        pathsgd.PathSGD(model, lr=0.01, input_shape=(1, 8, 8))
+    fix = _fix_from(str(info.value))
+    assert "m.eval()" in fix and "requires_grad_(False)" in fix
+    exec(fix, {"model": model, "torch": torch})
+    opt = pathsgd.PathSGD(model, lr=0.01, input_shape=(1, 8, 8))
+    losses = []
+    for epoch in range(3):
+        model.train()  # the usual loop: BatchNorm goes back to training mode ...
+        if epoch == 0:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            fc_before = model.fc.weight.clone()
+            with pytest.raises(ValueError, match="training mode") as info:
+                opt.step()
+            assert torch.equal(model.fc.weight, fc_before), "a refused step must change nothing"
+            assert _fix_from(str(info.value)) == fix
+            bn_before = {n: t.clone() for n, t in model.bn.state_dict().items()}
+        exec(fix, {"model": model, "torch": torch})  # ... and the message's fix, after model.train()
+        assert model.drop.training and not model.bn.training
+        for _ in range(5):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, t in model.bn.state_dict().items():  # BatchNorm stayed frozen
+        assert torch.equal(t, bn_before[n]), n
+    # the README shows the same snippet
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert fix in readme
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output transforms: the pytorch/examples MNIST Net, verbatim
+# ---------------------------------------------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self):
+        super(Net, self).__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+class LogitsNet(Net):
+    """The same network without its output transform."""
+
+    def forward(self, x):
+        x = torch.flatten(F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_mnist_example_net_with_log_softmax_trains_like_its_logits():
+    torch.manual_seed(1)
+    net = Net()
+    logits_net = LogitsNet()
+    logits_net.load_state_dict(net.state_dict())
+    kappa = pathsgd.path_scales(net, 2, (1, 28, 28))
+    kappa_logits = pathsgd.path_scales(logits_net, 2, (1, 28, 28))
+    for name in kappa_logits:
+        torch.testing.assert_close(kappa[name], kappa_logits[name], rtol=1e-12, atol=0)
+    assert float(kappa["conv1.weight"].max()) > 0
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    net.eval()  # dropout off, so both nets see the same function
+    opt = pathsgd.PathSGD(net, lr=1e-4, momentum=0.9, input_shape=(1, 28, 28))
+    opt_logits = pathsgd.PathSGD(logits_net, lr=1e-4, momentum=0.9, input_shape=(1, 28, 28))
+    logits_net.eval()
+    for _ in range(2):
+        opt.zero_grad()
+        F.nll_loss(net(x), y).backward()  # as in pytorch/examples
+        opt.step()
+        opt_logits.zero_grad()
+        F.cross_entropy(logits_net(x), y).backward()
+        opt_logits.step()
+    for (name, a), b in zip(net.named_parameters(), logits_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert (net.fc2.weight - LogitsNet().fc2.weight).abs().max() > 0
+
+
+@pytest.mark.parametrize("transform", [lambda x: torch.softmax(x, 1), torch.sigmoid, torch.tanh,
+                                       lambda x: x.log_softmax(-1), nn.LogSoftmax(dim=1)],
+                         ids=["softmax", "sigmoid", "tanh", "log_softmax-method", "LogSoftmax-module"])
+def test_output_transforms_leave_kappa_of_the_logits(transform):
+    class WithTransform(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_mlp((4, 6, 3), seed=5)
+            self.out = transform if isinstance(transform, nn.Module) else None
+
+        def forward(self, x):
+            y = self.body(x)
+            return self.out(y) if self.out is not None else transform(y)
+
+    model = WithTransform()
+    got = pathsgd.path_scales(model, 2)
+    want = pathsgd.path_scales(model.body, 2)
+    for name, k in want.items():
+        torch.testing.assert_close(got[f"body.{name}"], k, rtol=0, atol=0)
+
+
+def test_transform_between_layers_is_still_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2), nn.LogSoftmax(dim=1))
+    with pytest.raises(ValueError, match=r"'1' \(Sigmoid\).*between weighted layers.*output transforms"):
+        pathsgd.PathSGD(model)
