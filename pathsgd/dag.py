@@ -40,7 +40,10 @@ _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+# PReLU is positively homogeneous for any slope (max(0, cx) + a min(0, cx) = c PReLU(x), c > 0): an identity
+# unit of the abs-pow network whose slope is not on any path (updated with its plain gradient).
+_IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                     nn.Dropout3d)
 _SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 
 _IDENTITY_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.dropout, F.dropout1d, F.dropout2d,
@@ -81,18 +84,25 @@ _WHY = [
     ((nn.Embedding, nn.EmbeddingBag), "embedding weights are looked up by index, not on input-to-output paths"),
     ((nn.RNNBase, nn.RNNCell, nn.LSTMCell, nn.GRUCell), "recurrent layers are not feed-forward DAGs of ReLU units"),
     ((nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Hardtanh,
-      nn.ReLU6, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.CELU, nn.Tanhshrink, nn.Softsign),
+      nn.ReLU6, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.CELU, nn.Tanhshrink, nn.Softsign),
      "the activation is not positively homogeneous (f(c x) != c f(x) for c > 0) and it sits between weighted "
      "layers (log_softmax, softmax, sigmoid and tanh are allowed as output transforms: after the last weighted "
      "layer, feeding only the output)"),
 ]
 
 
-def _why_unsupported(module: nn.Module) -> str:
+def known_unsupported(module: nn.Module) -> Optional[str]:
+    """Why ``module`` breaks node-rescaling invariance, for the layers known to (else None)."""
     for types, why in _WHY:
         if isinstance(module, types):
             return why
-    return "it is not known to be positively homogeneous, so it may break node-rescaling invariance"
+    return None
+
+
+def _why_unsupported(module: nn.Module) -> str:
+    why = known_unsupported(module)
+    return why if why is not None else ("it is not known to be positively homogeneous, so it may break "
+                                        "node-rescaling invariance")
 
 
 def describe_node(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
@@ -348,7 +358,14 @@ class GeneralGraph:
             raise ValueError(f"pathsgd: {type(self.model).__name__} has no Linear or Conv layer; {SUPPORTED}")
         on_paths = {id(t) for t in self.named_parameters().values()}
         bn_params = {id(t) for m in self.batchnorms.values() for t in m.parameters()}
-        stray = [n for n, t in self.model.named_parameters() if id(t) not in on_paths and id(t) not in bn_params]
+        # PReLU slopes used by the traced graph: parameters of units, not of edges.
+        self.unit_params: Dict[str, nn.Parameter] = {}
+        for node in live:
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.PReLU):
+                self.unit_params[self.param_name(node.target, "weight")] = self.modules[node.target].weight
+        unit_ids = {id(t) for t in self.unit_params.values()}
+        stray = [n for n, t in self.model.named_parameters()
+                 if id(t) not in on_paths and id(t) not in bn_params and id(t) not in unit_ids]
         if stray:
             raise ValueError(f"pathsgd: parameters {stray} of {type(self.model).__name__} are not on any "
                              f"input-to-output path of supported layers (unused, or used outside a supported "

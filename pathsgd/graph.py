@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 # Positively homogeneous, element-wise (or pure reshaping) modules: identity edges
 # in the path graph.
-PASSTHROUGH_MODULES: Tuple[type, ...] = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten)
+PASSTHROUGH_MODULES: Tuple[type, ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Flatten)
 PASSTHROUGH_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout, torch.flatten, torch.nn.functional.relu_,
                          torch.relu_}
 PASSTHROUGH_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous"}
@@ -55,6 +55,8 @@ class DenseChain:
     """A chain of dense layers, input to output."""
     layers: List[DenseLayer]
     prefix: str = ""
+    # Parameters of units rather than edges (PReLU slopes): updated with their plain gradient.
+    unit_params: Dict[str, nn.Parameter] = field(default_factory=dict)
     # Read-only constants of a step, made once: (n, dtype, device) -> (unit gamma pair, float64 ones)
     _units: Dict[Tuple, Tuple] = field(default_factory=dict, repr=False, compare=False)
 
@@ -138,6 +140,15 @@ def _trace(model: nn.Module) -> Tuple[torch.fx.GraphModule, str]:
             type_name = module_type[1].__name__ if isinstance(module_type, tuple) else getattr(
                 module_type, "__name__", str(module_type))
             where = f"module '{qualname}' ({type_name}) of {type(model).__name__}"
+        from .dag import known_unsupported
+        # A module that could not be traced may hold a layer we know breaks invariance: say that first.
+        failing = model.get_submodule(stack[-1][0]) if stack and stack[-1][0] else model
+        for name, sub in failing.named_modules():
+            why = known_unsupported(sub)
+            if why is not None:
+                full = ".".join(n for n in (stack[-1][0] if stack else "", name) if n)
+                raise ValueError(f"pathsgd: module '{full}' ({type(sub).__name__}) of {type(model).__name__} is not "
+                                 f"supported: {why}") from exc
         raise ValueError(
             f"pathsgd: could not trace {where} with torch.fx ({type(exc).__name__}: {exc}). "
             "Path-SGD needs a static graph; data-dependent control flow is not supported.") from exc
@@ -239,4 +250,8 @@ def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = 
     gm, prefix = _trace(model)
     strip_output_transforms(gm)
     general = GeneralGraph(model, gm, input_shape, prefix)  # validates every node
-    return dense_chain_of(gm, prefix) or general
+    chain = dense_chain_of(gm, prefix)
+    if chain is None:
+        return general
+    chain.unit_params = general.unit_params
+    return chain

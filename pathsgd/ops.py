@@ -60,6 +60,17 @@ def _load_extension() -> Optional[str]:
         from . import _C  # noqa: F401  (registers torch.ops.pathsgd.*)
     except ImportError as exc:
         reason = f"the compiled extension pathsgd._C could not be imported ({exc})"
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(f.startswith("_C") and f.endswith((".so", ".pyd")) for f in os.listdir(here)) and \
+                os.path.isfile(os.path.join(os.path.dirname(here), "setup.py")):
+            # `python -m pathsgd.env` in the repository after `pip install .`: Python reports a
+            # "circular import" of the source tree, which has no compiled extension.
+            reason = (f"pathsgd was imported from the source tree {here}, which shadows the installed package "
+                      "and has no compiled extension (the current directory comes first on sys.path): run from "
+                      "another directory, or build in place with `pip install --no-build-isolation -e .`")
+            if choice in ("compiled", "cuda-emu"):
+                raise ImportError(f"PATHSGD_BACKEND={choice} but {reason}") from exc
+            return reason
         try:
             from ._build_info import TORCH_VERSION
             if TORCH_VERSION != torch.__version__:

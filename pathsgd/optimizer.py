@@ -122,7 +122,8 @@ class PathSGD(Optimizer):
             raise ValueError("PathSGD needs the model to build its path graph: PathSGD(model, ...) or "
                              "PathSGD(param_groups, model=model, ...)")
         self.graph = build_path_graph(model, input_shape)
-        self._param_names = {id(t): name for name, t in self.graph.named_parameters().items()}
+        self._param_names = {id(t): name for name, t in {**self.graph.named_parameters(),
+                                                          **self.graph.unit_params}.items()}
         self.check_finite = check_finite
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
@@ -396,8 +397,25 @@ def _apply_batches(batches: Batches) -> None:
                                [k for _, k in batch], **first.hyper())
 
 
+def _unit_parameter_step(graph: Union[DenseChain, GeneralGraph], updates: Dict[Tensor, ParamUpdate]) -> None:
+    """PReLU slopes: node rescaling leaves a slope and its gradient unchanged, so they take the plain
+    SGD update (kappa = 1, eps not applied), in one multi-tensor update per group."""
+    batches: Batches = {}
+    for param in graph.unit_params.values():
+        update = updates.get(param)
+        if update is None:
+            continue
+        update.prepare_buffer()
+        update.hyper()["eps"] = 0.0  # g / max(1, 0) = g
+        kappa = torch.ones_like(param, dtype=torch.float64, memory_format=torch.contiguous_format)
+        batches.setdefault((id(update.group), update.first_step, param.device), []).append((update, kappa))
+    _apply_batches(batches)
+
+
 def path_sgd(graph: Union[DenseChain, GeneralGraph], updates: Dict[Tensor, ParamUpdate]) -> None:
     """Functional Path-SGD step over the parameters in ``updates`` (see :class:`PathSGD`)."""
+    if graph.unit_params:
+        _unit_parameter_step(graph, updates)
     if isinstance(graph, DenseChain):
         _dense_chain_step(graph, updates)
     else:

@@ -291,3 +291,115 @@ def test_transform_between_layers_is_still_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2), nn.LogSoftmax(dim=1))
     with pytest.raises(ValueError, match=r"'1' \(Sigmoid\).*between weighted layers.*output transforms"):
         pathsgd.PathSGD(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PReLU: a pass-through unit whose slope takes the plain gradient
+# ---------------------------------------------------------------------------------------------------------------
+def _prelu_net(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.PReLU(7), nn.Linear(7, 6), nn.PReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.05, 0.5)
+        model[3].weight.fill_(0.3)
+    return model
+
+
+def _rescaled(model, seed):
+    """Node rescaling of every hidden unit by c in [0.1, 10]: incoming weights and bias times c,
+    outgoing weights times 1/c; PReLU slopes unchanged. The function is the same."""
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, j in ((0, 2), (2, 4)):
+            c = torch.exp(torch.empty(twin[i].out_features, dtype=torch.float64).uniform_(-2.3, 2.3, generator=gen))
+            twin[i].weight.mul_(c[:, None])
+            twin[i].bias.mul_(c)
+            twin[j].weight.div_(c[None, :])
+    return twin
+
+
+def test_prelu_net_is_rescaling_invariant_and_updates_its_slopes():
+    model = _prelu_net(0)
+    twin = _rescaled(model, 1)
+    gen = torch.Generator().manual_seed(2)
+    x_test = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    batches = [(torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))
+               for _ in range(40)]
+    torch.testing.assert_close(model(x_test), twin(x_test), rtol=1e-12, atol=1e-12)
+    slopes = model[1].weight.detach().clone()
+
+    def train(m, opt):
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    sgd_a, sgd_b = copy.deepcopy(model), copy.deepcopy(twin)  # negative control: plain SGD drifts apart
+    train(sgd_a, torch.optim.SGD(sgd_a.parameters(), lr=0.05, momentum=0.9))
+    train(sgd_b, torch.optim.SGD(sgd_b.parameters(), lr=0.05, momentum=0.9))
+    assert (sgd_a(x_test) - sgd_b(x_test)).abs().max() > 1e-3
+
+    train(model, pathsgd.PathSGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4))
+    train(twin, pathsgd.PathSGD(twin, lr=0.01, momentum=0.9, weight_decay=1e-4))
+    torch.testing.assert_close(model(x_test), twin(x_test), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(model[1].weight, twin[1].weight, rtol=1e-9, atol=1e-12)
+    assert (model[1].weight - slopes).abs().max() > 1e-3, "the slopes must be trained"
+
+
+def test_prelu_slope_takes_the_plain_sgd_update():
+    model = _prelu_net(3)
+    twin = copy.deepcopy(model)
+    set_random_grads(model, seed=4)
+    set_random_grads(twin, seed=4)
+    kappas = pathsgd.path_scales(twin, 2)
+    assert "1.weight" not in kappas  # a slope is not on any path
+    pathsgd.PathSGD(model, lr=0.1, eps=10.0).step()  # eps only bounds kappa^(2/p) of path weights
+    for name, t in twin.named_parameters():
+        scale = kappas[name].clamp_min(10.0) if name in kappas else 1.0
+        torch.testing.assert_close(dict(model.named_parameters())[name], t - 0.1 * t.grad / scale,
+                                   rtol=1e-12, atol=1e-15, msg=lambda m: f"{name}: {m}")
+
+
+class AttentionBlock(nn.Module):
+    """Attention as users write it, in a block with data-dependent control flow (fx cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.abs().max() > 10:  # data-dependent: fx fails inside this block
+            x = x / 10
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.fc(out)
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.Linear(8, 8), AttentionBlock(), nn.Flatten(), nn.Linear(24, 2)),
+                                   nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+                                                 nn.Flatten(), nn.Linear(24, 2))],
+                         ids=["block-with-mask", "TransformerEncoderLayer"])
+def test_attention_is_reported_as_attention(model):
+    with pytest.raises(ValueError, match="attention multiplies activations") as info:
+        pathsgd.PathSGD(model, input_shape=(3, 8))
+    assert "control flow" not in str(info.value)
+    assert "MultiheadAttention" in str(info.value) or "TransformerEncoderLayer" in str(info.value)
+
+
+def test_source_tree_shadowing_the_installed_package_is_explained(tmp_path):
+    """`python -m pathsgd.env` from a source checkout without the built extension says why."""
+    import shutil
+    import subprocess
+    import sys
+    src = __import__("pathlib").Path(pathsgd.__file__).parent
+    shutil.copytree(src, tmp_path / "pathsgd", ignore=shutil.ignore_patterns("_C*", "__pycache__", "_build_info.py"))
+    (tmp_path / "setup.py").write_text("# a source checkout\n")
+    # `python -m pathsgd.env` as after a regular (not editable) install: no editable-install finder
+    run_env = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+               "repr(f).lower()]; sys.path.insert(0, ''); runpy.run_module('pathsgd.env', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", run_env], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in __import__("os").environ.items() if k != "PATHSGD_BACKEND"})
+    assert proc.returncode == 0, proc.stderr
+    assert "shadows the installed package" in proc.stdout and "backend cpu   reference" in proc.stdout
+    assert "circular import" not in proc.stdout
