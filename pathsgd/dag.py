@@ -271,7 +271,8 @@ class GeneralGraph:
     """Path graph of a traced feed-forward DAG (convolutions, pooling, residuals, shared modules)."""
 
     def __init__(self, model: nn.Module, gm: torch.fx.GraphModule, input_shape: Optional[Tuple[int, ...]],
-                 prefix: str = "") -> None:
+                 prefix: str = "", shape_optional: bool = False) -> None:
+        self.shape_optional = shape_optional
         self.model = model
         self.gm = gm
         self.prefix = prefix
@@ -281,7 +282,10 @@ class GeneralGraph:
         self._param_names: Dict[Tuple[str, str], str] = {}
         self._validate()
         self.input_shape = self._resolve_input_shape(input_shape)
-        self._check_with_input_shape()
+        if self.input_shape is not None:
+            self._check_with_input_shape()
+        # (Without an input shape, a structure-only graph: names, validation, BatchNorm checks; the
+        # optimizer builds the evaluated graph from the shape of the model's forward input.)
         self._fusable = [n for n, m in self.weighted.items()
                          if isinstance(m, nn.Linear) and self.uses[n] == 1 and self._linear_input_rank.get(n) == 2]
         self.head, self.head_input = self._find_dense_head()
@@ -371,7 +375,7 @@ class GeneralGraph:
                              f"input-to-output path of supported layers (unused, or used outside a supported "
                              f"layer); {SUPPORTED}")
 
-    def _resolve_input_shape(self, input_shape: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    def _resolve_input_shape(self, input_shape: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
         has_conv = any(isinstance(m, _CONV) for m in self.weighted.values())
         if input_shape is not None:
             if isinstance(input_shape, int):
@@ -380,6 +384,8 @@ class GeneralGraph:
                 raise ValueError(f"pathsgd: input_shape must be positive ints without the batch dim, got {input_shape}")
             return tuple(input_shape)
         if has_conv:
+            if self.shape_optional:
+                return None
             raise ValueError(f"pathsgd: {type(self.model).__name__} has convolutions, so input_shape (the input's "
                              "shape without the batch dimension, e.g. (1, 40)) is required")
         # Follow every use of the input through non-Linear nodes to the first Linear layers.

@@ -235,11 +235,14 @@ def dense_chain_of(gm: torch.fx.GraphModule, prefix: str = "") -> Optional[Dense
     return None
 
 
-def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None) -> Union[DenseChain, "GeneralGraph"]:
+def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None,
+                     shape_optional: bool = False) -> Union[DenseChain, "GeneralGraph"]:
     """The path graph of ``model`` (DDP unwrapped): a :class:`DenseChain` when the model is a
     chain of Linear layers (fused kernels), else a :class:`pathsgd.dag.GeneralGraph`.
 
-    ``input_shape`` (without the batch dim) is required when there are convolutions.
+    ``input_shape`` (without the batch dim) is required when there are convolutions, unless
+    ``shape_optional``: then such a model gives a structure-only graph (``input_shape`` None) that
+    validates the model and names its parameters, but is not evaluated.
     Output transforms that end the model (log_softmax, softmax, sigmoid, tanh, ...) are left out:
     the path graph ends at the logits. Raises ValueError naming any module that breaks
     node-rescaling invariance.
@@ -249,7 +252,7 @@ def build_path_graph(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = 
     model = unwrap_model(model)
     gm, prefix = _trace(model)
     strip_output_transforms(gm)
-    general = GeneralGraph(model, gm, input_shape, prefix)  # validates every node
+    general = GeneralGraph(model, gm, input_shape, prefix, shape_optional)  # validates every node
     chain = dense_chain_of(gm, prefix)
     if chain is None:
         return general

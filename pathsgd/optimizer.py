@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -11,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import ops
 from .dag import GeneralGraph, to_log_scaled
-from .graph import DenseChain, build_path_graph
+from .graph import DenseChain, build_path_graph, unwrap_model
 from .reference import opmath_dtype
 from .scales import LogScaled, chain_gamma_in, check_p
 
@@ -121,7 +122,18 @@ class PathSGD(Optimizer):
         if model is None:
             raise ValueError("PathSGD needs the model to build its path graph: PathSGD(model, ...) or "
                              "PathSGD(param_groups, model=model, ...)")
-        self.graph = build_path_graph(model, input_shape)
+        self.graph = build_path_graph(model, input_shape, shape_optional=True)
+        self._model = unwrap_model(model)
+        self._given_input_shape = None if input_shape is None else (
+            (input_shape,) if isinstance(input_shape, int) else tuple(input_shape))
+        # One evaluated path graph per input shape (a fully convolutional net fed several sizes).
+        self._graphs: Dict[Tuple[int, ...], Any] = {}
+        if isinstance(self.graph, GeneralGraph) and self.graph.input_shape is not None:
+            self._graphs[self.graph.input_shape] = self.graph
+        # The shape of the model's most recent forward input; the hook goes with the optimizer.
+        self._seen = _InputShape()
+        handle = self._model.register_forward_pre_hook(self._seen.record)
+        weakref.finalize(self, handle.remove)
         self._param_names = {id(t): name for name, t in {**self.graph.named_parameters(),
                                                           **self.graph.unit_params}.items()}
         self.check_finite = check_finite
@@ -162,6 +174,30 @@ class PathSGD(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("differentiable", False)
         self.__dict__.setdefault("use_reference", False)
+
+    def _graph_for_step(self) -> Any:
+        """The path graph for the input that produced this step's gradients (the model's most recent
+        forward input, unless ``input_shape`` was given); raises, changing nothing, when a given
+        ``input_shape`` disagrees with that input or no shape is known yet."""
+        seen, given = self._seen.last, self._given_input_shape
+        model = type(self._model).__name__
+        if given is not None:
+            if seen is not None and seen != given:
+                raise ValueError(f"pathsgd: PathSGD was built with input_shape={given}, but the last input of {model} "
+                                 f"had shape {seen} (without the batch dim), so kappa would belong to another graph. "
+                                 f"Pass input_shape={seen}, or leave input_shape out to follow each forward input")
+            return self.graph
+        if isinstance(self.graph, DenseChain):
+            return self.graph  # a chain of Linear layers: kappa does not depend on the input shape
+        shape = seen if seen is not None else self.graph.input_shape
+        if shape is None:
+            raise ValueError(f"pathsgd: {model} has convolutions and no input_shape was given, so PathSGD uses the "
+                             "shape of the model's most recent forward input, but the model has not run yet: call "
+                             "step() after forward/backward, or pass input_shape (without the batch dim)")
+        graph = self._graphs.get(shape)
+        if graph is None:
+            graph = self._graphs[shape] = build_path_graph(self._model, shape)
+        return graph
 
     def param_name(self, param: Tensor) -> str:
         return self._param_names.get(id(param), f"<parameter of shape {tuple(param.shape)}>")
@@ -215,15 +251,28 @@ class PathSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates = self._collect_updates()
-        if updates and isinstance(self.graph, GeneralGraph):
-            self.graph.check_mode({id(t) for t in updates})
         if updates:
+            graph = self._graph_for_step()
+            if isinstance(graph, GeneralGraph):
+                graph.check_mode({id(t) for t in updates})
             with ops.use_reference(self.use_reference):
-                path_sgd(self.graph, updates)
+                path_sgd(graph, updates)
             for update in updates.values():
                 if update.first_step or update.buffer_replaced:  # otherwise updated in place
                     self.state[update.param]["momentum_buffer"] = update.buffer
         return loss
+
+
+class _InputShape:
+    """Holds the shape (without the batch dim) of a model's most recent forward input."""
+    __slots__ = ("last", "__weakref__")
+
+    def __init__(self) -> None:
+        self.last: Optional[Tuple[int, ...]] = None
+
+    def record(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() >= 1:
+            self.last = tuple(args[0].shape[1:])
 
 
 class ParamUpdate:

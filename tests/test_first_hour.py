@@ -251,7 +251,7 @@ def test_mnist_example_net_with_log_softmax_trains_like_its_logits():
     assert float(kappa["conv1.weight"].max()) > 0
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     net.eval()  # dropout off, so both nets see the same function
-    opt = pathsgd.PathSGD(net, lr=1e-4, momentum=0.9, input_shape=(1, 28, 28))
+    opt = pathsgd.PathSGD(net, lr=1e-4, momentum=0.9)  # the input shape comes from the forward input
     opt_logits = pathsgd.PathSGD(logits_net, lr=1e-4, momentum=0.9, input_shape=(1, 28, 28))
     logits_net.eval()
     for _ in range(2):
@@ -403,3 +403,87 @@ def test_source_tree_shadowing_the_installed_package_is_explained(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "shadows the installed package" in proc.stdout and "backend cpu   reference" in proc.stdout
     assert "circular import" not in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input shape without ceremony
+# ---------------------------------------------------------------------------------------------------------------
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("size", [8, 13])
+def test_conv_net_without_input_shape_uses_the_forward_input(size):
+    """PathSGD(cnn) with no input_shape steps exactly like PathSGD(cnn, input_shape=the real shape)."""
+    model = small_cnn()
+    twin = copy.deepcopy(model)
+    opt = pathsgd.PathSGD(model, lr=0.01, momentum=0.9)
+    opt_twin = pathsgd.PathSGD(twin, lr=0.01, momentum=0.9, input_shape=(1, size, size))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(6, 1, size, size, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,), generator=gen)
+        _train_step(model, opt, x, y)
+        _train_step(twin, opt_twin, x, y)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_fully_convolutional_net_gets_the_kappa_of_each_batch_size():
+    """Fed 8x8 and 32x32 batches in turn, each step uses the kappa of the batch that made the gradients."""
+    model = small_cnn()
+    opt = pathsgd.PathSGD(model, lr=0.01)
+    gen = torch.Generator().manual_seed(2)
+    for size in (8, 32, 8, 32):
+        x = torch.randn(4, 1, size, size, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=gen)
+        expected = copy.deepcopy(model)
+        kappa = pathsgd.path_scales(expected, 2, (1, size, size))
+        F.cross_entropy(expected(x), y).backward()
+        with torch.no_grad():
+            for name, t in expected.named_parameters():
+                t -= 0.01 * t.grad / kappa[name].clamp_min(1e-12)
+        _train_step(model, opt, x, y)
+        for (name, a), b in zip(model.named_parameters(), expected.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m: f"size {size}, {name}: {m}")
+    k8 = pathsgd.path_scales(model, 2, (1, 8, 8))["0.weight"]
+    k32 = pathsgd.path_scales(model, 2, (1, 32, 32))["0.weight"]
+    assert float((k8 / k32).min()) > 5  # really different graphs (adaptive pooling averages 16x more)
+
+
+def test_wrong_input_shape_is_an_error_before_anything_changes():
+    model = small_cnn()
+    opt = pathsgd.PathSGD(model, lr=0.01, momentum=0.9, input_shape=(1, 8, 8))
+    x, y = torch.randn(4, 1, 32, 32, dtype=torch.float64), torch.randint(0, 3, (4,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = params(model)
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 8, 8\).*\(1, 32, 32\)"):
+        opt.step()
+    assert all(torch.equal(before[n], t) for n, t in model.named_parameters()) and not opt.state
+
+
+def test_step_before_any_forward_says_what_to_do():
+    model = small_cnn()
+    opt = pathsgd.PathSGD(model, lr=0.01)
+    set_random_grads(model, seed=0)
+    with pytest.raises(ValueError, match="has not run yet.*input_shape"):
+        opt.step()
+
+
+def test_input_shape_hook_goes_with_the_optimizer():
+    import gc
+    model = small_cnn()
+    opt = pathsgd.PathSGD(model, lr=0.01)
+    assert len(model._forward_pre_hooks) == 1
+    del opt
+    gc.collect()
+    assert len(model._forward_pre_hooks) == 0
