@@ -7,7 +7,7 @@ Every step it
 3. forwards an all-ones input (batch of one) through the copy in eval mode and
    backpropagates ``output.sum()``: with non-negative weights and inputs every ReLU is the
    identity, so the output is ``gamma_in`` at the output units and the gradient w.r.t. each
-   ``|w_e|^p`` is ``kappa_e`` (DESIGN.md section 1; unlike the published code we backpropagate
+   ``|w_e|^p`` is ``kappa_e`` (unlike the published code we backpropagate
    ``output.sum()``, not ``output.norm()**2``, and recompute every step),
 4. divides each gradient in place by ``max(kappa^(2/p), eps)``,
 5. and calls ``torch.optim.SGD.step`` with the same hyper-parameters.

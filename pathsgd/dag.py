@@ -1,7 +1,7 @@
 """General path graphs: any feed-forward DAG of positively homogeneous units.
 
 The gamma maps are the activations of the *abs-pow network* on an all-ones input
-of ``input_shape`` (DESIGN.md section 2): the model with every weight w replaced
+of ``input_shape``: the model with every weight w replaced
 by ``|w|^p``, every bias b by ``|b|^p``, every constant edge c by ``|c|^p`` and
 every non-linearity by the identity. ``phi_p^p`` is the sum of its outputs, and
 ``kappa = d phi_p^p / d |W|^p`` is the weight-gradient of that network; autograd

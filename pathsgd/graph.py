@@ -1,7 +1,7 @@
 """Model -> path graph.
 
 The path graph of a network has a unit per neuron and an edge per scalar weight
-(DESIGN.md section 1). For a chain of ``nn.Linear`` layers joined by positively
+(a bias is an edge from a constant unit). For a chain of ``nn.Linear`` layers joined by positively
 homogeneous element-wise modules it is a :class:`DenseChain`, whose path scales
 come from the fused per-layer kernels. The model is traced once with
 ``torch.fx`` (``nn.Sequential`` included); anything that would break node-

@@ -6,7 +6,7 @@ the fallback backend when the extension is not built (or
 It favours obviousness over memory: ``fused_dense_step_`` materializes kappa
 here, which the compiled kernels never do.
 
-Notation (DESIGN.md section 1): ``a_e = |w_e|^p``; a gamma vector is stored as
+Notation (README, "How it works"): ``a_e = |w_e|^p``; a gamma vector is stored as
 ``(gamma, log_scale)`` with true value ``gamma * exp(log_scale)`` and ``gamma``
 normalized to a maximum in [1, 2] (or all zero), so deep networks stay in range.
 """

@@ -7,7 +7,7 @@ For a dense chain with ``a = |w|^p``:
     phi_p(w)^p = sum(gamma_in(L)),  kappa(W_l)_ij = gamma_out(l)_i gamma_in(l-1)_j,  kappa(b_l)_i = gamma_out(l)_i
 
 Gamma vectors are carried as (normalized vector, float64 log scale) pairs so
-deep networks neither overflow nor underflow (DESIGN.md section 2). General DAGs
+deep networks neither overflow nor underflow. General DAGs
 (convolutions, residuals) go through the float64 abs-pow network of
 :mod:`pathsgd.dag`.
 """

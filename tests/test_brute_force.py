@@ -207,7 +207,7 @@ class SizeFlattenNet(nn.Module):
 
 @pytest.mark.parametrize("p", [2])
 def test_view_with_size_flatten(p):
-    """DESIGN: 'Flatten/reshape (modules or functions)' are identity edges of the chain."""
+    """'Flatten/reshape (modules or functions)' are identity edges of the chain."""
     torch.manual_seed(12)
     model = SizeFlattenNet().double()
     _check(model, p)

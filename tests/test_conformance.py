@@ -8,7 +8,7 @@ layers.
 
 The mathematical oracle here is :class:`ScaledSGDTwin`: ``torch.optim.SGD`` stepping on
 ``grad / max(kappa ** (2/p), eps)`` with kappa from :func:`pathsgd.path_scales`, then
-clamping (DESIGN.md section 1, "Contract"). Everything that compares against it runs in
+clamping (the definition of the Path-SGD step). Everything that compares against it runs in
 float64.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize
 
 
 class ScaledSGDTwin:
-    """torch.optim.SGD on path-scaled gradients, then clamp: the contract of DESIGN.md section 1.
+    """torch.optim.SGD on path-scaled gradients, then clamp: the definition of the Path-SGD step.
 
     ``groups``: list of ``(parameter names, options)``; options may hold SGD keys and p, eps, clamp.
     """

@@ -220,7 +220,7 @@ def test_rescaling_negative_control_sgd_drifts():
 
 
 def test_rescaling_invariance_broken_by_clamp():
-    """DESIGN: only clamp breaks the invariance (clipping is not equivariant under rescaling)."""
+    """Only clamp breaks the invariance (clipping is not equivariant under rescaling)."""
     model = make_mlp((6, 16, 16, 3), seed=11)
     twin = rescaled_copy(model, seed=12)
     x_test = torch.randn(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
@@ -739,7 +739,7 @@ def test_unsupported_modules_raise_naming_the_module(name, model):
 
 
 def test_batchnorm_switched_to_training_mode_rejected_at_step():
-    """BatchNorm in training mode breaks rescaling invariance (DESIGN section 4): never a silent step."""
+    """BatchNorm in training mode breaks rescaling invariance: never a silent step."""
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
     for prm in model[1].parameters():
         prm.requires_grad_(False)

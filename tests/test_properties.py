@@ -7,7 +7,7 @@ gradients (some None), the step of the default backend (compiled kernels when bu
   * equals the step of the pure-PyTorch reference backend (``pathsgd.ops.has_kernel`` patched to
     return False, which routes every op to :mod:`pathsgd.reference`), and
   * equals ``torch.optim.SGD`` stepping on ``grad / max(kappa ** (2/p), eps)`` with kappa from
-    :func:`pathsgd.path_scales`, then clamping (the contract of DESIGN.md section 1).
+    :func:`pathsgd.path_scales`, then clamping (the definition of the Path-SGD step).
 """
 from __future__ import annotations
 
