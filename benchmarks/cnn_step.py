@@ -1,4 +1,4 @@
-"""Training-step time of a small 1-D CNN on MNIST-1D: PathSGD vs torch.optim.SGD (issue 5).
+"""Training-step time of a small 1-D CNN on MNIST-1D: PathSGD vs torch.optim.SGD.
 
 Model (input (1, 40)): Conv1d(1,32,5,p=2)-ReLU-Conv1d(32,32,3,p=1)-ReLU-MaxPool1d(2)-Conv1d(32,32,3,p=1)-ReLU-
 Flatten-Linear(640,128)-ReLU-Linear(128,10); float32, CPU, batch 128, momentum 0.9, lr 0.01.
@@ -9,7 +9,7 @@ function in rotating order, so a machine busy with other jobs slows all of them 
 blocks is reported, and the median of the per-round PathSGD/SGD ratios as a paired check):
 
 * ``train step``: ``zero_grad`` + forward + cross-entropy + backward + ``step`` on MNIST-1D batches
-  (cycled; random data of the same shape if mnist1d cannot generate them). Issue target: PathSGD
+  (cycled; random data of the same shape if mnist1d cannot generate them). Target: PathSGD
   <= 1.15x torch SGD (foreach).
 * ``optimizer.step() only``: the step on fixed gradients.
 * ``conv path scales``: the abs-pow network (float64, all-ones input) a PathSGD step runs for the conv

@@ -20,7 +20,7 @@ per-thread malloc arenas). GPU: ``torch.cuda.max_memory_allocated`` over the ste
 ``reset_peak_memory_stats``.
 
 Reported: the step's peak per optimizer, its excess over torch SGD (foreach) with the same
-momentum in bytes and as % of the parameter bytes (issue 3's target: PathSGD < 5%).
+momentum in bytes and as % of the parameter bytes (target: PathSGD < 5%).
 """
 from __future__ import annotations
 

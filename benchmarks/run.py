@@ -146,7 +146,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                                   progress=bar, headline_repeats=c.get("headline_repeats", 0))
             step_time.plot(r, os.path.join(out, "step_time.png"))
             print(step_time.text(r), file=sys.stderr)
-        elif part == "cnn_step":  # CPU: the MNIST-1D CNN training step (issue 5)
+        elif part == "cnn_step":  # CPU: the MNIST-1D CNN training step
             from . import cnn_step
             r = cnn_step.suite_part(c["rounds"], c["block_s"], c["repeats"], threads)
             print(cnn_step.markdown(r), file=sys.stderr)

@@ -30,7 +30,7 @@ from .common import (OPTIMIZER_LABELS, fmt_ms, fmt_ratio, make_optimizer, md_tab
 LR = 1e-4          # small, so thousands of timed steps on fixed gradients keep the weights finite
 GRAD_SCALE = 1e-3
 
-# Issue 3's CPU targets for MLP 784-2048-2048-10, momentum 0.9.
+# CPU targets for MLP 784-2048-2048-10, momentum 0.9.
 HEADLINE_SIZES = "784-2048-2048-10"
 HEADLINE_MOMENTUM = 0.9
 TARGET_RATIO_TO_SGD = 1.6
