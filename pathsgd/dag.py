@@ -267,6 +267,18 @@ class AbsNetResult:
         self.backward_args: Tuple = ()
 
 
+def _batchnorm_training(name: str, m: nn.Module) -> str:
+    return f"pathsgd: module '{name}' ({type(m).__name__}) is in training mode: {_BATCHNORM_WHY}"
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be handled; the message is the first reason, ``problems`` lists them all."""
+
+    def __init__(self, problems: List[str]) -> None:
+        super().__init__(problems[0])
+        self.problems = list(problems)
+
+
 class GeneralGraph:
     """Path graph of a traced feed-forward DAG (convolutions, pooling, residuals, shared modules)."""
 
@@ -280,7 +292,10 @@ class GeneralGraph:
         self._linear_input_rank: Dict[str, int] = {}
         self._tensor_nodes: Set[torch.fx.Node] = set()  # nodes with tensor values (set by the input-shape check)
         self._param_names: Dict[Tuple[str, str], str] = {}
+        self.problems: List[str] = []
         self._validate()
+        if self.problems:
+            raise UnsupportedModelError(self.problems)
         self.input_shape = self._resolve_input_shape(input_shape)
         if self.input_shape is not None:
             self._check_with_input_shape()
@@ -298,10 +313,20 @@ class GeneralGraph:
 
     # ---- structure -------------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        """Every reason the traced model is not supported, in graph order, into ``self.problems``."""
+        problems = self.problems
+        reported: Set[str] = set()  # modules with a problem: their parameters are not "stray" too
+
+        def fail(message: str, module: Optional[str] = None) -> None:
+            problems.append(message)
+            if module is not None:
+                reported.add(module)
+
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise ValueError(f"pathsgd: {type(self.model).__name__}.forward must take exactly one input tensor, "
-                             f"got {[n.target for n in placeholders]}")
+            fail(f"pathsgd: {type(self.model).__name__}.forward must take exactly one input tensor, "
+                 f"got {[n.target for n in placeholders]}")
+            return
         self.weighted: Dict[str, nn.Module] = {}
         self.uses: Dict[str, int] = {}
         self.batchnorms: Dict[str, nn.Module] = {}
@@ -309,22 +334,26 @@ class GeneralGraph:
             if node.op in ("placeholder", "output"):
                 continue
             if node.op == "get_attr":
-                raise ValueError(f"pathsgd: {type(self.model).__name__}.forward reads the tensor attribute "
-                                 f"'{node.target}' directly; parameters must belong to supported layers ({SUPPORTED})")
+                fail(f"pathsgd: {type(self.model).__name__}.forward reads the tensor attribute "
+                     f"'{node.target}' directly; parameters must belong to supported layers ({SUPPORTED})")
+                if "." in node.target:
+                    reported.add(node.target.rsplit(".", 1)[0])
             if node.op == "call_module":
                 m = self.modules[node.target]
                 if isinstance(m, _WEIGHTED):
                     if isinstance(m, _CONV) and m.padding_mode != "zeros":
-                        raise ValueError(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode="
-                                         f"'{m.padding_mode}'; only zero padding keeps the path graph fixed")
+                        fail(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode="
+                             f"'{m.padding_mode}'; only zero padding keeps the path graph fixed", node.target)
                     self.weighted[node.target] = m
                     self.uses[node.target] = self.uses.get(node.target, 0) + 1
                 elif isinstance(m, _BATCHNORM):
                     self.batchnorms[node.target] = m
+                    if m.training:
+                        fail(_batchnorm_training(node.target, m))
                 elif not isinstance(m, _IDENTITY_MODULES + _SHAPE_MODULES + _MAXPOOL + _AVGPOOL + _ADAPTIVE_AVG
                                     + _ADAPTIVE_MAX):
-                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: "
-                                     f"{_why_unsupported(m)}; {SUPPORTED}")
+                    fail(f"pathsgd: {describe_node(node, self.modules)} is not supported: "
+                         f"{_why_unsupported(m)}; {SUPPORTED}", node.target)
             elif node.op == "call_function":
                 t = node.target
                 if t in _MUL:
@@ -332,21 +361,21 @@ class GeneralGraph:
                     consts = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
                     if len(tensors) != 1 or len(consts) != 1 or (t in (operator.truediv, operator.itruediv, torch.div)
                                                                  and node.args[0] is not tensors[0]):
-                        raise ValueError(f"pathsgd: {describe_node(node, self.modules)} multiplies or divides "
-                                         "activations by something other than a constant number, which is not "
-                                         f"positively homogeneous; {SUPPORTED}")
+                        fail(f"pathsgd: {describe_node(node, self.modules)} multiplies or divides "
+                             "activations by something other than a constant number, which is not "
+                             f"positively homogeneous; {SUPPORTED}")
                 elif t in _ADD:
                     if not all(isinstance(a, torch.fx.Node) for a in node.args[:2]) or "alpha" in node.kwargs:
-                        raise ValueError(f"pathsgd: {describe_node(node, self.modules)} adds a constant to "
-                                         f"activations, which is not positively homogeneous; {SUPPORTED}")
+                        fail(f"pathsgd: {describe_node(node, self.modules)} adds a constant to "
+                             f"activations, which is not positively homogeneous; {SUPPORTED}")
                 elif not (t in _IDENTITY_FUNCTIONS or t in _SHAPE_FUNCTIONS or t in _CAT or t in _POOL_FUNCTIONS
                           or t in (torch.mean, torch.sum)):
-                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
-                                     f"known to be positively homogeneous; {SUPPORTED}")
+                    fail(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
+                         f"known to be positively homogeneous; {SUPPORTED}")
             elif node.op == "call_method":
                 if node.target not in _SHAPE_METHODS | _IDENTITY_METHODS | {"mean", "sum"}:
-                    raise ValueError(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
-                                     f"known to be positively homogeneous; {SUPPORTED}")
+                    fail(f"pathsgd: {describe_node(node, self.modules)} is not supported: it is not "
+                         f"known to be positively homogeneous; {SUPPORTED}")
         # Layers whose output never reaches the model output carry no path: leave them out so
         # the stray-parameter check below names their parameters.
         live: Set[torch.fx.Node] = set()
@@ -359,7 +388,7 @@ class GeneralGraph:
         live_targets = {n.target for n in live if n.op == "call_module"}
         self.weighted = {name: m for name, m in self.weighted.items() if name in live_targets}
         if not self.weighted:
-            raise ValueError(f"pathsgd: {type(self.model).__name__} has no Linear or Conv layer; {SUPPORTED}")
+            fail(f"pathsgd: {type(self.model).__name__} has no Linear or Conv layer; {SUPPORTED}")
         on_paths = {id(t) for t in self.named_parameters().values()}
         bn_params = {id(t) for m in self.batchnorms.values() for t in m.parameters()}
         # PReLU slopes used by the traced graph: parameters of units, not of edges.
@@ -368,12 +397,13 @@ class GeneralGraph:
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.PReLU):
                 self.unit_params[self.param_name(node.target, "weight")] = self.modules[node.target].weight
         unit_ids = {id(t) for t in self.unit_params.values()}
-        stray = [n for n, t in self.model.named_parameters()
-                 if id(t) not in on_paths and id(t) not in bn_params and id(t) not in unit_ids]
+        reported_params = {id(t) for name in reported if name in self.modules for t in self.modules[name].parameters()}
+        stray = [n for n, t in self.model.named_parameters() if id(t) not in on_paths and id(t) not in bn_params
+                 and id(t) not in unit_ids and id(t) not in reported_params]
         if stray:
-            raise ValueError(f"pathsgd: parameters {stray} of {type(self.model).__name__} are not on any "
-                             f"input-to-output path of supported layers (unused, or used outside a supported "
-                             f"layer); {SUPPORTED}")
+            fail(f"pathsgd: parameters {stray} of {type(self.model).__name__} are not on any "
+                 f"input-to-output path of supported layers (unused, or used outside a supported "
+                 f"layer); {SUPPORTED}")
 
     def _resolve_input_shape(self, input_shape: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
         has_conv = any(isinstance(m, _CONV) for m in self.weighted.values())
@@ -464,7 +494,7 @@ class GeneralGraph:
         """BatchNorm must be in eval mode and not optimized, at every step."""
         for name, m in self.batchnorms.items():
             if m.training:
-                raise ValueError(f"pathsgd: module '{name}' ({type(m).__name__}) is in training mode: {_BATCHNORM_WHY}")
+                raise ValueError(_batchnorm_training(name, m))
             for pname, t in m.named_parameters():
                 if id(t) in optimized:
                     raise ValueError(f"pathsgd: parameter '{name}.{pname}' of {type(m).__name__} is in the optimizer;"

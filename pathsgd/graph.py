@@ -165,14 +165,20 @@ OUTPUT_TRANSFORM_FUNCTIONS = {F.log_softmax, F.softmax, F.softmin, torch.log_sof
 OUTPUT_TRANSFORM_METHODS = {"log_softmax", "softmax", "sigmoid", "tanh"}
 
 
-def _is_output_transform(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+def _node_is(node: torch.fx.Node, modules: Dict[str, nn.Module], module_types: Tuple[type, ...],
+             functions: set, methods: set) -> bool:
+    """Whether an fx node calls one of these module types, functions or tensor methods."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], OUTPUT_TRANSFORM_MODULES)
+        return isinstance(modules[node.target], module_types)
     if node.op == "call_function":
-        return node.target in OUTPUT_TRANSFORM_FUNCTIONS
+        return node.target in functions
     if node.op == "call_method":
-        return node.target in OUTPUT_TRANSFORM_METHODS
+        return node.target in methods
     return False
+
+
+def _is_output_transform(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    return _node_is(node, modules, OUTPUT_TRANSFORM_MODULES, OUTPUT_TRANSFORM_FUNCTIONS, OUTPUT_TRANSFORM_METHODS)
 
 
 def strip_output_transforms(gm: torch.fx.GraphModule) -> List[str]:
@@ -197,13 +203,7 @@ def strip_output_transforms(gm: torch.fx.GraphModule) -> List[str]:
 
 
 def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], PASSTHROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in PASSTHROUGH_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in PASSTHROUGH_METHODS
-    return False
+    return _node_is(node, modules, PASSTHROUGH_MODULES, PASSTHROUGH_FUNCTIONS, PASSTHROUGH_METHODS)
 
 
 def dense_chain_of(gm: torch.fx.GraphModule, prefix: str = "") -> Optional[DenseChain]:

@@ -109,3 +109,30 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
     graph.check_mode(set())
     kappas = graph.evaluate(p, frozenset()).kappas
     return {name: kappas[name] for name in graph.named_parameters()}
+
+
+def check_support(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None) -> List[str]:
+    """Every reason ``model`` cannot be handled by :class:`~pathsgd.PathSGD` / :func:`path_norm`, without raising.
+
+    Each entry names the module (or function, or parameter), says why it breaks node-rescaling
+    invariance or cannot be placed on the path graph, and what is supported. ``[]`` when the model
+    is supported. BatchNorm in training mode is reported (the optimizer checks it at every step);
+    ``input_shape`` (without the batch dim), when given, is checked against the model. The errors
+    of ``PathSGD`` and ``path_norm`` name the first of these reasons.
+    """
+    from .dag import GeneralGraph, UnsupportedModelError
+    from .graph import _trace, strip_output_transforms, unwrap_model
+
+    try:
+        model = unwrap_model(model)
+        gm, prefix = _trace(model)
+    except ValueError as exc:  # sharded, or not traceable: nothing further can be read
+        return [str(exc)]
+    strip_output_transforms(gm)
+    try:
+        GeneralGraph(model, gm, input_shape, prefix, shape_optional=True)
+    except UnsupportedModelError as exc:
+        return exc.problems
+    except ValueError as exc:  # the input shape
+        return [str(exc)]
+    return []

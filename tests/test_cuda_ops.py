@@ -720,3 +720,72 @@ def test_abs_pow_vjp_cuda_matches_reference_and_cpu():
             torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
             torch.testing.assert_close(a.cpu(), d, rtol=1e-12, atol=0)
             assert torch.equal(a, b)
+
+
+def _gpu_models():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 10))
+    cnn = torch.nn.Sequential(torch.nn.Conv1d(1, 8, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool1d(2),
+                              torch.nn.Conv1d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    return [("mlp", mlp, (40,)), ("cnn", cnn, (1, 40))]
+
+
+@on_gpu_only
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_whole_step_has_no_host_sync(kind):
+    """A whole PathSGD step (lr as a CUDA tensor) never synchronizes with the host."""
+    import pathsgd
+    _, model, shape = next(m for m in _gpu_models() if m[0] == kind)
+    model = model.to(DEVICE)
+    opt = pathsgd.PathSGD(model, lr=torch.tensor(0.01, device=DEVICE), momentum=0.9, clamp=0.5, input_shape=shape)
+    for step in range(3):
+        for t in model.parameters():
+            t.grad = torch.randn_like(t)
+        torch.cuda.synchronize()
+        if step > 0:  # after the first step, whose buffers and plans are made once
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t).all() for t in model.parameters())
+
+
+@on_gpu_only
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_whole_step_captured_in_a_cuda_graph_replays_like_eager(kind):
+    import copy
+
+    import pathsgd
+    _, model, shape = next(m for m in _gpu_models() if m[0] == kind)
+    model = model.to(DEVICE)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=torch.tensor(0.01, device=DEVICE), momentum=0.9, weight_decay=1e-4, input_shape=shape)
+    opt, opt_twin = pathsgd.PathSGD(model, **kw), pathsgd.PathSGD(twin, **kw)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    grads = [[torch.randn(t.shape, device=DEVICE, generator=gen) for t in model.parameters()] for _ in range(6)]
+    for t, g in zip(model.parameters(), grads[0]):
+        t.grad = g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: momentum buffers exist before the capture
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for t, g in zip(twin.parameters(), grads[0]):
+        t.grad = g.clone()
+    opt_twin.step()
+    # The capture itself does not run the step: the twin's second step is the first replay.
+    for i in range(1, 6):
+        for t, g in zip(model.parameters(), grads[i]):
+            t.grad.copy_(g)
+        graph.replay()
+        for t, g in zip(twin.parameters(), grads[i]):
+            t.grad = g.clone()
+        opt_twin.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a, b), f"replay {i} differs from the eager step"
