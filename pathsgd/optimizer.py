@@ -96,7 +96,9 @@ class PathSGD(Optimizer):
             and kappa^(2/p) of a quasi-norm does not make the update rescaling invariant).
         clamp: ``None``, ``c`` for ``(-c, c)``, or ``(lo, hi)``: clamp after the step.
         eps: lower bound of ``kappa^(2/p)``.
-        input_shape: input shape without batch dim (needed for convolutions).
+        input_shape: input shape without the batch dim. Optional: by default the shape of the model's
+            most recent forward input (one path graph per shape); a given one that disagrees with the
+            real input is an error at the next step, before anything changes.
         model: the model, when ``params`` are parameters or param groups.
         check_finite: raise before the step if a weight is non-finite (costs a sync).
     """
