@@ -181,12 +181,12 @@ def _is_output_transform(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> 
     return _node_is(node, modules, OUTPUT_TRANSFORM_MODULES, OUTPUT_TRANSFORM_FUNCTIONS, OUTPUT_TRANSFORM_METHODS)
 
 
-def strip_output_transforms(gm: torch.fx.GraphModule) -> List[str]:
+def strip_output_transforms(gm: torch.fx.GraphModule) -> None:
     """Removes the output transforms (log_softmax, softmax, sigmoid, tanh, ...) that end the model
-    and feed only its output, so the path graph ends at the logits; returns their fx node names."""
+    and feed only its output, so the path graph ends at the logits."""
     modules = dict(gm.named_modules())
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    stripped = []
+    stripped = False
     while True:
         node = out.args[0]
         if not (isinstance(node, torch.fx.Node) and _is_output_transform(node, modules) and len(node.users) == 1):
@@ -196,10 +196,9 @@ def strip_output_transforms(gm: torch.fx.GraphModule) -> List[str]:
             break
         out.args = (tensor_args[0],)
         gm.graph.erase_node(node)
-        stripped.append(node.name)
+        stripped = True
     if stripped:
         gm.recompile()
-    return stripped
 
 
 def _is_passthrough(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:

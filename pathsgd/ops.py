@@ -51,6 +51,27 @@ def load_cuda_emulation() -> str:
     return path
 
 
+def _why_no_extension(exc: ImportError) -> str:
+    """Why pathsgd._C failed to import, and what to do."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not any(f.startswith("_C") and f.endswith((".so", ".pyd")) for f in os.listdir(here)) and \
+            os.path.isfile(os.path.join(os.path.dirname(here), "setup.py")):
+        # `python -m pathsgd.env` in the repository after `pip install .`: Python reports a
+        # "circular import" of the source tree, which has no compiled extension.
+        return (f"pathsgd was imported from the source tree {here}, which shadows the installed package "
+                "and has no compiled extension (the current directory comes first on sys.path): run from "
+                "another directory, or build in place with `pip install --no-build-isolation -e .`")
+    reason = f"the compiled extension pathsgd._C could not be imported ({exc})"
+    try:
+        from ._build_info import TORCH_VERSION
+        if TORCH_VERSION != torch.__version__:
+            reason += (f"; it was built against torch {TORCH_VERSION} but torch {torch.__version__} is "
+                       "installed: rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`")
+    except ImportError:
+        reason += "; build it with `pip install --no-build-isolation .`"
+    return reason
+
+
 def _load_extension() -> Optional[str]:
     """Imports pathsgd._C; returns None on success, else why the reference backend is used."""
     choice = _backend_choice()
@@ -59,25 +80,7 @@ def _load_extension() -> Optional[str]:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.pathsgd.*)
     except ImportError as exc:
-        reason = f"the compiled extension pathsgd._C could not be imported ({exc})"
-        here = os.path.dirname(os.path.abspath(__file__))
-        if not any(f.startswith("_C") and f.endswith((".so", ".pyd")) for f in os.listdir(here)) and \
-                os.path.isfile(os.path.join(os.path.dirname(here), "setup.py")):
-            # `python -m pathsgd.env` in the repository after `pip install .`: Python reports a
-            # "circular import" of the source tree, which has no compiled extension.
-            reason = (f"pathsgd was imported from the source tree {here}, which shadows the installed package "
-                      "and has no compiled extension (the current directory comes first on sys.path): run from "
-                      "another directory, or build in place with `pip install --no-build-isolation -e .`")
-            if choice in ("compiled", "cuda-emu"):
-                raise ImportError(f"PATHSGD_BACKEND={choice} but {reason}") from exc
-            return reason
-        try:
-            from ._build_info import TORCH_VERSION
-            if TORCH_VERSION != torch.__version__:
-                reason += (f"; it was built against torch {TORCH_VERSION} but torch {torch.__version__} is "
-                           "installed: rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .`")
-        except ImportError:
-            reason += "; build it with `pip install --no-build-isolation .`"
+        reason = _why_no_extension(exc)
         if choice in ("compiled", "cuda-emu"):
             raise ImportError(f"PATHSGD_BACKEND={choice} but {reason}") from exc
         return reason
