@@ -46,7 +46,7 @@ BATCH = 128
 LR = 0.01
 MOMENTUM = 0.9
 TARGET_RATIO = 1.15
-TRUNK_ROW = "graph.trunk_kappas: conv trunk, VJP tape (a step's share)"
+TRUNK_ROW = "trunk forward + backward: conv trunk, VJP tape (a step's share)"
 
 
 def make_cnn(seed: int = 0) -> nn.Sequential:
@@ -180,6 +180,13 @@ def profile_step(setup: Setup, steps: int = 30, row_limit: int = 25) -> Dict[str
             "graph_type": type(graph).__name__, "table": table, "cprofile": cprof}
 
 
+def _autograd_kappas(graph: Any) -> None:
+    from pathsgd import functional, graph as ir
+    with ir.use_evaluator("autograd"):
+        evaluator = functional.evaluator_for(graph, None, frozenset())
+    evaluator.backward(evaluator.forward(2.0))
+
+
 def run(rounds: int = 30, block_s: float = 0.1, warmup: int = 10, threads: int | None = None,
         do_profile: bool = False) -> Dict[str, Any]:
     import pathsgd
@@ -195,14 +202,21 @@ def run(rounds: int = 30, block_s: float = 0.1, warmup: int = 10, threads: int |
 
     ps = setups["pathsgd"]
     graph = ps.opt.graph
-    fused = frozenset(graph.fusable_linears())
+    fused = graph.dense_layers
+    from pathsgd import functional
+    trunk = functional.evaluator_for(graph, graph.head_input, frozenset())
+    whole = functional.evaluator_for(graph, None, frozenset())
+
+    def trunk_kappas() -> None:  # the head's gamma_out replaced by ones
+        acts = trunk.forward(2.0)
+        trunk.backward(acts, torch.ones_like(acts.env[graph.head_input]))
+
     model = ps.model
-    ones = torch.ones_like
     scales = _measure({
-        TRUNK_ROW: lambda: graph.trunk_kappas(2.0, frozenset(), ones),
-        "graph.evaluate: all kappas, VJP tape": lambda: graph.evaluate(2.0, frozenset()),
-        "graph.evaluate: all kappas, autograd": lambda: graph.evaluate(2.0, frozenset(), taped=False),
-        "graph.evaluate: forward only": lambda: graph.evaluate(2.0, frozenset(), need_grads=False),
+        TRUNK_ROW: trunk_kappas,
+        "all kappas, VJP tape": lambda: whole.backward(whole.forward(2.0)),
+        "all kappas, autograd": lambda: _autograd_kappas(graph),
+        "forward only (VJP tape's forward)": lambda: whole.forward(2.0),
         "pathsgd.path_scales (fx trace + validate + evaluate)": lambda: pathsgd.path_scales(model, 2, INPUT_SHAPE),
     }, max(3, rounds // 3), block_s, threads)
 

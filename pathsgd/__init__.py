@@ -11,7 +11,7 @@ from .clamp import clamp_after_step
 from .optimizer import PathSGD
 from .scales import check_support, path_norm, path_scales
 
-# The functional step (pathsgd.optimizer.path_sgd) works on a path graph and per-parameter updates,
+# The functional step (pathsgd.functional.path_sgd) works on a path graph and per-parameter updates,
 # not on plain lists like torch.optim.sgd.sgd, so it is not part of the public API.
 __all__ = ["PathSGD", "path_norm", "path_scales", "check_support", "clamp_after_step"]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """WGAN-style weight clipping after the step of any optimizer."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+import math
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -9,7 +10,26 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from . import ops
-from .optimizer import normalize_clamp
+
+ClampArg = Union[None, float, Tuple[float, float]]
+
+
+def normalize_clamp(clamp: ClampArg) -> Optional[Tuple[float, float]]:
+    """``None`` -> None, ``c`` -> ``(-c, c)``, ``(lo, hi)`` -> ``(lo, hi)``; validated."""
+    if clamp is None:
+        return None
+    if isinstance(clamp, (int, float)) and not isinstance(clamp, bool):
+        if not clamp >= 0:
+            raise ValueError(f"Invalid clamp value: {clamp!r} (clamp=c means (-c, c) and needs c >= 0)")
+        return (-float(clamp), float(clamp))
+    try:
+        lo, hi = clamp
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Invalid clamp: {clamp!r} (expected None, c, or (lo, hi))") from exc
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"Invalid clamp: {clamp!r} (needs lo <= hi, got lo={lo}, hi={hi})")
+    return (lo, hi)
 
 
 def clamp_params_(params: Iterable[Tensor], lo: float, hi: float) -> None:

@@ -9,7 +9,7 @@ of that graph and sums products of ``|w_e|^p`` in float64 (numpy). kappa of a we
 over all (path, edge using that weight) pairs of the product of the path's other edges, so a
 shared weight (a convolution tap, a module called twice) sums over all of its edges.
 
-Edge conventions (issue 5 / pathsgd/dag.py docstring): MaxPool is sum-pooling over its window
+Edge conventions (pathsgd/graph.py docstring): MaxPool is sum-pooling over its window
 (edges of weight 1 from the real, non-padding units), AvgPool / AdaptiveAvgPool / mean have
 constant edges ``1/d`` (d per PyTorch's divisor rules), residual additions and concatenation have
 edges of weight 1, ``x * c`` an edge of weight c, eval-mode BatchNorm a per-channel edge
@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pathsgd
+from pathsgd import functional
 
 P_VALUES = (1, 2, 3)
 RTOL = 1e-10
@@ -663,20 +664,22 @@ def test_oracle_by_hand():
 
 @pytest.fixture(params=["taped", "taped-reference", "autograd"])
 def evaluation(request, monkeypatch) -> Tuple[str, List[int]]:
-    """How kappa is backpropagated through the abs-pow network: the VJP tape (the default) run by
-    the pathsgd::abs_pow_vjp op, the same tape run by its Python twin, or autograd (models the
-    tape does not cover). All must match the oracle. Returns the mode ("taped" for both tape
-    modes) and the list of taped runs, so a test can check the tape was used."""
-    from pathsgd import dag, reference, taped
+    """How kappa is backpropagated through the abs-pow network: the VJP tape (the default) with
+    the compiled ops, the same tape with the reference ops (the Python interpreter of the tape), or
+    the autograd evaluator (its twin, chosen explicitly). All must match the oracle. Returns the
+    mode ("taped" for both tape modes) and the list of taped backward runs, so a test can check
+    the tape was used."""
+    from pathsgd import eval_tape, graph, ops
     runs: List[int] = []
     if request.param == "autograd":
-        monkeypatch.setattr(dag.GeneralGraph, "_can_tape", lambda self, fused: False)
-        return "autograd", runs
-    if request.param == "taped-reference":
-        monkeypatch.setattr(taped.ops, "abs_pow_vjp", reference.abs_pow_vjp)
-    run = taped.TapedEvaluation.run
-    monkeypatch.setattr(taped.TapedEvaluation, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
-    return "taped", runs
+        with graph.use_evaluator("autograd"):
+            yield "autograd", runs
+        return
+    backward = eval_tape.TapeEvaluator.backward
+    monkeypatch.setattr(eval_tape.TapeEvaluator, "backward",
+                        lambda self, *a, **k: runs.append(1) or backward(self, *a, **k))
+    with ops.use_reference(request.param == "taped-reference"):
+        yield "taped", runs
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -913,15 +916,15 @@ def test_taped_evaluation_reads_current_parameters():
     for change in [lambda: None] + changes:
         with torch.no_grad():
             change()
-        got = graph.evaluate(2.0, frozenset()).kappas
+        got = functional.path_scales_of(graph, 2.0)
         for name, want in fresh().items():
             torch.testing.assert_close(got[name], want, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
     # The reused buffers never leak out as kappas (a later call must not change earlier results).
-    first = {k: v.clone() for k, v in graph.evaluate(2.0, frozenset()).kappas.items()}
-    kept = graph.evaluate(2.0, frozenset()).kappas
+    first = {k: v.clone() for k, v in functional.path_scales_of(graph, 2.0).items()}
+    kept = functional.path_scales_of(graph, 2.0)
     with torch.no_grad():
         model.conv1.weight.mul_(2.0)
-    graph.evaluate(2.0, frozenset())
+    functional.path_scales_of(graph, 2.0)
     for name, value in first.items():
         torch.testing.assert_close(kept[name], value, rtol=0, atol=0)
 
@@ -938,7 +941,7 @@ def test_linear_in_dag_one_step(cls, fused, p):
     twin = copy.deepcopy(model)
     opt = pathsgd.PathSGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, p=p, input_shape=cls.input_shape)
     # which code path runs (the fused dense kernel needs a Linear called once on a flat input)
-    assert set(opt.graph.fusable_linears()) == fused
+    assert set(opt.graph.dense_layers) == fused
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     x, y = _random_batch(cls, torch.Generator().manual_seed(5))
     _set_loss_grads(model, x, y)
@@ -1003,10 +1006,9 @@ def test_dense_head_step_with_partial_parameters(cls, head, trunk_linears, subse
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
     assert all(not torch.equal(named[n], dict(make_net(cls, seed=14).named_parameters())[n]) for n in chosen)
-    # An optimized trunk Linear weight takes the fused kernel through autograd; otherwise the trunk tapes.
+    # The trunk (its dense Linear layers included) is one taped backward, seeded by the head.
     mode, runs = evaluation
-    trunk_tapes = not any(n.split(".")[0] in trunk_linears and n.endswith("weight") for n in chosen)
-    assert len(runs) == (1 if mode == "taped" and trunk_tapes else 0)
+    assert len(runs) == (1 if mode == "taped" else 0)
 
 
 # ================================================================================================================

@@ -778,18 +778,18 @@ def test_abs_pow_vjp_matches_reference(cls, input_shape, p, monkeypatch):
 
 
 def test_abs_pow_vjp_rules_all_covered():
-    """The tapes of VJP_NETS use every compiled rule (and no local-autograd node), so the
+    """The tapes of VJP_NETS use every compiled rule (and no Python-only node), so the
     comparison above covers all of them."""
-    from pathsgd import taped
+    from pathsgd import functional, graph
     used = set()
     for cls, input_shape in VJP_NETS:
-        tape = pathsgd.PathSGD(cls().double(), input_shape=input_shape).graph._taped(None)
-        assert not tape._local_entries
-        for _, rule, data in tape.tape:
-            used.add((rule, type(data[1]).__name__[:4] if rule == taped._V_LAYER else None))
-    assert used == {(taped._V_LAYER, "Conv"), (taped._V_LAYER, "Line"), (taped._V_ALIAS, None),
-                    (taped._V_RESHAPE, None), (taped._V_ADD, None), (taped._V_SCALE, None),
-                    (taped._V_MAXPOOL, None)}, used
+        tape = functional.evaluator_for(pathsgd.PathSGD(cls().double(), input_shape=input_shape).graph, None,
+                                        frozenset())
+        assert not tape.local_nodes
+        for node in tape.tape:
+            used.add((node.kind, node.data.conv if node.kind == graph.LAYER else None))
+    assert used == {(graph.LAYER, True), (graph.LAYER, False), (graph.ALIAS, None), (graph.RESHAPE, None),
+                    (graph.ADD, None), (graph.SCALE, None), (graph.SUMPOOL, None)}, used
 
 
 def test_abs_pow_vjp_bad_programs_raise(monkeypatch):

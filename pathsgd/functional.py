@@ -1,0 +1,169 @@
+"""The Path-SGD step over a path graph, like ``torch.optim.sgd.sgd`` for :class:`pathsgd.PathSGD`.
+
+A step runs straight through the IR's evaluators:
+
+    MLP (the whole model is a dense chain):  dense walk (gamma forward, fused update passes)
+    CNN with a dense head:  trunk forward -> dense walk of the head (its fused update passes
+                            give the gamma_out at its input) -> trunk backward seeded with it
+    anything else:          forward + backward of the whole abs-pow network, per p
+    then one multi-tensor update per (param group, first step, device) with materialized kappa.
+
+Every kappa comes from the weights before the step: all evaluations of a step run before the
+parameters they read are updated.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .eval_autograd import AutogradEvaluator
+from .eval_dense import Batches, dense_step, from_log_scaled, to_log_scaled
+from .eval_tape import Kappas, TapeEvaluator
+from .graph import PathGraph
+from .reference import opmath_dtype
+
+Evaluator = Union[TapeEvaluator, AutogradEvaluator]
+
+
+class ParamUpdate:
+    """One parameter's update this step; ``buffer`` is None until momentum first runs."""
+    __slots__ = ("param", "grad", "group", "buffer", "first_step", "buffer_replaced", "p", "_hyper")
+
+    def __init__(self, param: Tensor, grad: Tensor, group: Dict[str, Any], buffer: Optional[Tensor]) -> None:
+        self.param, self.grad, self.group, self.buffer = param, grad, group, buffer
+        self.first_step = False
+        self.buffer_replaced = False
+        self.p: float = group["p"]
+        self._hyper: Optional[Dict[str, Any]] = None
+
+    def prepare_buffer(self) -> Optional[Tensor]:
+        """The momentum buffer to pass to a kernel (allocated, uninitialized, on the first step)."""
+        if self.group["momentum"] == 0:
+            return None
+        if self.buffer is None:
+            self.buffer = torch.empty_like(self.param, memory_format=torch.contiguous_format)
+            self.first_step = True
+        return self.buffer
+
+    def hyper(self, unit: bool = False) -> Dict[str, Any]:
+        """Hyper-parameter keyword arguments of the pathsgd ops (built once the buffer is prepared);
+        ``unit``: for a parameter of units (kappa = 1, eps not applied)."""
+        if self._hyper is not None and self._hyper["first_step"] == self.first_step:
+            return self._hyper
+        g = self.group
+        lr = g["lr"]
+        lo, hi = g["clamp"] if g["clamp"] is not None else (None, None)
+        self._hyper = dict(p=float(g["p"]), lr=0.0 if isinstance(lr, Tensor) else float(lr),
+                           momentum=float(g["momentum"]), dampening=float(g["dampening"]),
+                           weight_decay=float(g["weight_decay"]), nesterov=bool(g["nesterov"]),
+                           maximize=bool(g["maximize"]), first_step=self.first_step,
+                           eps=0.0 if unit else float(g["eps"]), clamp_min=lo, clamp_max=hi,
+                           lr_tensor=lr if isinstance(lr, Tensor) else None)
+        return self._hyper
+
+
+def evaluator_for(graph: PathGraph, stop: Optional[int], dense: FrozenSet[str]) -> Evaluator:
+    """The abs-pow evaluator of ``graph`` up to ``stop`` with ``dense`` layers, built once."""
+    kind = graph.evaluator()
+    key = (kind, stop, dense)
+    evaluator = graph.evaluators.get(key)
+    if evaluator is None:
+        cls = TapeEvaluator if kind == "tape" else AutogradEvaluator
+        evaluator = graph.evaluators[key] = cls(graph, stop, dense)
+    return evaluator
+
+
+def _batch(batches: Batches, update: ParamUpdate, kappa: Tensor) -> None:
+    update.prepare_buffer()
+    batches.setdefault((id(update.group), update.first_step, update.param.device), []).append((update, kappa))
+
+
+def _apply_batches(batches: Batches, unit: bool = False) -> None:
+    """One multi-tensor update per (group, first step, device) with materialized kappa."""
+    for batch in batches.values():
+        first = batch[0][0]
+        ops.scaled_sgd_update_([u.param for u, _ in batch], [u.grad for u, _ in batch],
+                               [u.buffer for u, _ in batch] if first.buffer is not None else [],
+                               [k for _, k in batch], **first.hyper(unit))
+
+
+def _unit_parameter_step(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
+    """PReLU slopes: node rescaling leaves a slope and its gradient unchanged, so they take the plain
+    SGD update (kappa = 1, eps not applied), in one multi-tensor update per group."""
+    batches: Batches = {}
+    for param in graph.unit_params.values():
+        update = updates.get(param)
+        if update is not None:
+            _batch(batches, update, torch.ones_like(param, dtype=torch.float64, memory_format=torch.contiguous_format))
+    _apply_batches(batches, unit=True)
+
+
+def _dense_for(graph: PathGraph, names: FrozenSet[str], updates: Dict[Tensor, ParamUpdate], p: float) -> FrozenSet[str]:
+    """The layers of ``names`` whose weight is updated with this p (their kappa stays rank 1)."""
+    chosen = []
+    for name in names:
+        update = updates.get(graph.layers[name].weight)
+        if update is not None and update.p == p:
+            chosen.append(name)
+    return frozenset(chosen)
+
+
+def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results: Dict[float, Kappas],
+                   skip: FrozenSet[str], batches: Batches) -> None:
+    """The updates of the layers outside ``skip``: dense layers by the fused kernel with their
+    gammas, the rest into ``batches`` with their materialized kappa."""
+    for name, layer in graph.layers.items():
+        if name in skip:
+            continue
+        for param, param_name, is_weight in ((layer.weight, layer.weight_name, True),
+                                             (layer.bias, layer.bias_name, False)):
+            update = updates.get(param) if param is not None else None
+            if update is None:
+                continue
+            result = results[update.p]
+            if is_weight and name in result.dense_gammas:
+                gammas = [t if t.device == param.device else t.to(param.device) for t in result.dense_gammas[name]]
+                ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), *gammas, **update.hyper())
+                continue
+            kappa = result.kappas[param_name]
+            _batch(batches, update, kappa if kappa.device == param.device else kappa.to(param.device))
+
+
+def path_sgd(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
+    """Functional Path-SGD step over the parameters in ``updates`` (see :class:`pathsgd.PathSGD`)."""
+    if graph.unit_params:
+        _unit_parameter_step(graph, updates)
+    batches: Batches = {}
+    if graph.is_dense_chain:
+        dense_step(graph.head, updates, batches)
+        _apply_batches(batches)
+        return
+    ps = sorted({u.p for u in updates.values()})
+    if graph.head is not None and len(ps) == 1:
+        p = ps[0]
+        trunk = evaluator_for(graph, graph.head_input, _dense_for(graph, graph.dense_layers - graph.head_names,
+                                                                  updates, p))
+        acts = trunk.forward(p)
+        x = acts.env[graph.head_input]
+        gamma0 = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
+        gamma_out = dense_step(graph.head, updates, batches, gamma0={p: gamma0})[p]
+        results = {p: trunk.backward(acts, from_log_scaled(gamma_out, x.device))}
+        _layer_updates(graph, updates, results, graph.head_names, batches)
+    else:
+        results = {}
+        for p in ps:  # every evaluation reads the old weights, so all of them run before any update
+            evaluator = evaluator_for(graph, None, _dense_for(graph, graph.dense_layers, updates, p))
+            results[p] = evaluator.backward(evaluator.forward(p))
+        _layer_updates(graph, updates, results, frozenset(), batches)
+    _apply_batches(batches)
+
+
+def path_scales_of(graph: PathGraph, p: float) -> Dict[str, Tensor]:
+    """``{parameter name: kappa}`` of a general graph (float64, materialized)."""
+    evaluator = evaluator_for(graph, None, frozenset())
+    return evaluator.backward(evaluator.forward(p)).kappas
+
+

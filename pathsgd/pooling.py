@@ -1,0 +1,75 @@
+"""Window sums of the abs-pow network: what pooling layers become on gamma maps.
+
+In the abs-pow network every edge weight ``c`` becomes ``|c|^p``:
+
+* MaxPool -> a sum over each window (edges of weight 1). Max commutes with positive
+  per-channel scaling, so this keeps node-rescaling invariance; it bounds the max-path set
+  from above.
+* AvgPool -> a window sum times ``divisor^-p`` (per window: padding and ``ceil_mode`` change it).
+* AdaptiveAvgPool -> a window sum times ``size^-p`` of each (possibly uneven) window;
+  AdaptiveMaxPool -> the window sum.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PoolArgs = Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]  # kernel, stride, padding
+
+
+def as_tuple(v: Any, n: int) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def sum_pool_args(nd: int, kernel: Any, stride: Any, padding: Any) -> PoolArgs:
+    """Kernel, stride, padding of a sum pool as tuples; 1-D pools go through 2-D (avg_pool1d
+    has no divisor_override)."""
+    kernel = as_tuple(kernel, nd)
+    stride = as_tuple(stride if stride not in (None, []) else kernel, nd)
+    padding = as_tuple(padding, nd)
+    return ((1,) + kernel, (1,) + stride, (0,) + padding) if nd == 1 else (kernel, stride, padding)
+
+
+def sum_pool(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool) -> Tensor:
+    """Sum over each pooling window (zero padding), with the arguments of :func:`sum_pool_args`."""
+    if nd == 1:
+        return F.avg_pool2d(x.unsqueeze(-2), *args, ceil_mode, True, divisor_override=1).squeeze(-2)
+    return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
+
+
+def avg_pool(x: Tensor, p: float, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+             count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """An average pool of the abs-pow network: window sums times ``(1 / divisor)^p``, the
+    divisor of each window taken from the layer itself (so padding rules are torch's)."""
+    user_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+    extra = {} if nd == 1 else {"divisor_override": divisor_override}
+    args = sum_pool_args(nd, kernel, stride, padding)
+    ones = torch.ones_like(x)
+    avg_ones = user_pool(ones, kernel, stride if stride not in (None, []) else kernel, padding, ceil_mode,
+                         count_include_pad, **extra)
+    sum_ones = sum_pool(ones, nd, args, ceil_mode)
+    inv_divisor = torch.where(sum_ones > 0, avg_ones / sum_ones.clamp_min(1), torch.zeros_like(sum_ones))
+    return sum_pool(x, nd, args, ceil_mode) * inv_divisor.pow(p)
+
+
+def adaptive_window_sizes(in_sizes: Sequence[int], out_sizes: Sequence[int], device: torch.device) -> Tensor:
+    """Number of input elements of each adaptive-pooling window (product over dims)."""
+    d = torch.ones((), dtype=torch.float64, device=device)
+    for L, O in zip(in_sizes, out_sizes):
+        i = torch.arange(O, dtype=torch.float64, device=device)
+        size = torch.ceil((i + 1) * L / O) - torch.floor(i * L / O)
+        d = d.unsqueeze(-1) * size
+    return d
+
+
+def adaptive_pool(x: Tensor, p: float, nd: int, output_size: Any, average: bool) -> Tensor:
+    """Adaptive average (``average``) or max pool of the abs-pow network."""
+    out_size = as_tuple(output_size, nd)
+    out_size = tuple(x.shape[-nd + i] if o is None else o for i, o in enumerate(out_size))
+    adaptive = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[nd]
+    d = adaptive_window_sizes(x.shape[-nd:], out_size, x.device)
+    window_sum = adaptive(x, out_size) * d
+    return window_sum * d.pow(-p) if average else window_sum
