@@ -46,7 +46,7 @@ $(CUDA_EMU_LIB): $(BUILD_STAMP) $(shell find csrc -type f)
 cuda-emu: $(CUDA_EMU_LIB)
 
 test-cuda-emu: build $(CUDA_EMU_LIB)
-	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_cuda_ops.py
+	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_cuda_ops.py tests/test_dense_chain_step.py
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
 		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py -k "$(CUDA_EMU_STEP_TESTS)"
 

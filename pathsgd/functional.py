@@ -20,9 +20,9 @@ from torch import Tensor
 
 from . import ops
 from .eval_autograd import AutogradEvaluator
-from .eval_dense import Batches, dense_step, from_log_scaled, to_log_scaled
+from .eval_dense import Batches, LogScaled, dense_step, from_log_scaled, to_log_scaled
 from .eval_tape import Kappas, TapeEvaluator
-from .graph import PathGraph
+from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
 
 Evaluator = Union[TapeEvaluator, AutogradEvaluator]
@@ -132,13 +132,66 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
             _batch(batches, update, kappa if kappa.device == param.device else kappa.to(param.device))
 
 
+def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
+                      gamma0: Optional[LogScaled] = None) -> Optional[LogScaled]:
+    """The chain's step as ONE op call (``pathsgd::dense_chain_step_``) when every weight and bias
+    of it is updated with the same hyper-parameters (one param group, device and first step);
+    returns the gamma_out at the chain input, or None (nothing done) when that does not hold."""
+    weight_updates, bias_updates, bias_layers = [], [], []
+    for index, layer in enumerate(chain.layers):
+        update = updates.get(layer.weight)
+        if update is None:
+            return None
+        weight_updates.append(update)
+        if layer.bias is not None:
+            update = updates.get(layer.bias)
+            if update is None:
+                return None
+            bias_updates.append(update)
+            bias_layers.append(index)
+    chosen = weight_updates + bias_updates
+    first = chosen[0]
+    device = first.param.device
+    if any(u.group is not first.group or u.param.device != device for u in chosen):
+        return None
+    for update in chosen:
+        update.prepare_buffer()
+    if any(u.first_step != first.first_step for u in chosen):
+        return None
+
+    def buffers(group: list) -> list:
+        return [u.buffer for u in group] if first.buffer is not None else []
+
+    v, s = gamma0 if gamma0 is not None else (None, None)
+    return ops.dense_chain_step_([u.param for u in weight_updates], [u.grad for u in weight_updates],
+                                 buffers(weight_updates), [u.param for u in bias_updates],
+                                 [u.grad for u in bias_updates], buffers(bias_updates), bias_layers, v, s,
+                                 **first.hyper())
+
+
+def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: Batches,
+                gamma0: Optional[LogScaled] = None) -> Optional[LogScaled]:
+    """The dense walk of a chain: one op call when it applies, else layer by layer (mixed param
+    groups, p values or parameters left out). Returns the gamma_out at the chain input when
+    ``gamma0`` (the chain's input gamma) is given."""
+    p = next(iter(updates.values())).p
+    if all(u.p == p for u in updates.values()):
+        gamma_out = _whole_chain_step(chain, updates, gamma0)
+        if gamma_out is not None:
+            return gamma_out
+    if gamma0 is None:
+        dense_step(chain, updates, batches)
+        return None
+    return dense_step(chain, updates, batches, gamma0={p: gamma0})[p]
+
+
 def path_sgd(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
     """Functional Path-SGD step over the parameters in ``updates`` (see :class:`pathsgd.PathSGD`)."""
     if graph.unit_params:
         _unit_parameter_step(graph, updates)
     batches: Batches = {}
     if graph.is_dense_chain:
-        dense_step(graph.head, updates, batches)
+        _chain_step(graph.head, updates, batches)
         _apply_batches(batches)
         return
     ps = sorted({u.p for u in updates.values()})
@@ -149,7 +202,7 @@ def path_sgd(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
         acts = trunk.forward(p)
         x = acts.env[graph.head_input]
         gamma0 = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
-        gamma_out = dense_step(graph.head, updates, batches, gamma0={p: gamma0})[p]
+        gamma_out = _chain_step(graph.head, updates, batches, gamma0)
         results = {p: trunk.backward(acts, from_log_scaled(gamma_out, x.device))}
         _layer_updates(graph, updates, results, graph.head_names, batches)
     else:

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from . import reference
 
-_OP_NAMES = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
+_OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
 # The ops with CUDA kernels in csrc/cuda/ (what the CPU emulation of the CUDA code registers).
-CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "scaled_sgd_update_", "clamp_")
+CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_")
 BACKENDS = ("auto", "compiled", "reference", "cuda-emu")
 
 
@@ -206,6 +206,21 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
     return reference.fused_dense_step_(*args)
 
 
+def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
+                      biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
+                      bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
+                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
+                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The fused Path-SGD step of a whole dense chain in one call; see the reference."""
+    args = (weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0,
+            gamma0_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps,
+            clamp_min, clamp_max, lr_tensor)
+    if _use_compiled(weights[0]):
+        return _K.dense_chain_step_.default(*args)
+    return reference.dense_chain_step_(*args)
+
+
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
                        kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
                        weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,
@@ -250,6 +265,14 @@ def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log
     return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
 
 
+def _dense_chain_step_fake(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
+                           gamma0, gamma0_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step, eps, clamp_min, clamp_max, lr_tensor):
+    first = weights[0]
+    opmath = reference.opmath_dtype(first.dtype)
+    return first.new_empty((first.shape[1],), dtype=opmath), first.new_empty((), dtype=torch.float64)
+
+
 def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay,
                             nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor):
     return None
@@ -264,6 +287,7 @@ def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
 
 
 _FAKES = {"gamma_forward": _gamma_forward_fake, "fused_dense_step_": _fused_dense_step_fake,
+          "dense_chain_step_": _dense_chain_step_fake,
           "scaled_sgd_update_": _scaled_sgd_update_fake, "clamp_": _clamp_fake, "abs_pow_vjp": _abs_pow_vjp_fake}
 
 if compiled_available():

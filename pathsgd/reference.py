@@ -143,6 +143,48 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
     return gamma_prev
 
 
+def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
+                      biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
+                      bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
+                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
+                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The Path-SGD step of a chain of dense layers ``y = W_l x + b_l`` (every weight and the biases
+    of ``bias_layers`` updated), composed of the per-layer ops:
+
+        gamma_in(0) = gamma0 (default ones), gamma_in(l+1) = gamma_forward(W_l, b_l, gamma_in(l))
+        gamma_out = 1; for l = L-1 .. 0:  kappa(b_l) = gamma_out;
+                                          gamma_out = fused_dense_step_(W_l, gamma_in(l), gamma_out)
+        scaled_sgd_update_(biases, kappa(b))
+
+    Returns the gamma_out at the chain input (``|W|^pT`` products of the old weights).
+    """
+    hyper = (p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
+             lr_tensor)
+    bias_of = dict(zip(bias_layers, biases))
+    first, last = weights[0], weights[-1]
+    if gamma0 is None:
+        gamma0 = torch.ones(first.shape[1], dtype=opmath_dtype(first.dtype), device=first.device)
+        gamma0_log_scale = torch.zeros((), dtype=torch.float64, device=first.device)
+    gamma_in = [(gamma0, gamma0_log_scale)]
+    for w in weights[:-1]:
+        v, s = gamma_in[-1]
+        gamma_in.append(gamma_forward(w, bias_of.get(len(gamma_in) - 1), v.to(opmath_dtype(w.dtype)), s, p))
+    gamma_out = (torch.ones(last.shape[0], dtype=opmath_dtype(last.dtype), device=last.device),
+                 torch.zeros((), dtype=torch.float64, device=last.device))
+    kappas = {}
+    for index in reversed(range(len(weights))):
+        if index in bias_of:
+            kappas[index] = gamma_out[0].double() * gamma_out[1].exp()
+        w = weights[index]
+        buffer = weight_buffers[index] if momentum != 0 else None
+        (v_in, s_in), (v_out, s_out) = gamma_in[index], gamma_out
+        gamma_out = fused_dense_step_(w, weight_grads[index], buffer, v_in.to(opmath_dtype(w.dtype)), s_in,
+                                      v_out.to(opmath_dtype(w.dtype)), s_out, *hyper)
+    scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], *hyper)
+    return gamma_out
+
+
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
                        kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
                        weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,

@@ -713,6 +713,7 @@ def test_opcheck_half_dtypes(dtype):
     gi, go = torch.rand(3, generator=gen) + 0.5, torch.rand(5, generator=gen) + 0.5
     s = torch.zeros((), dtype=F64)
     b = torch.randn(5, generator=gen).to(dtype)
+    w2, g2, buf2 = (torch.randn(2, 5, generator=gen).to(dtype) for _ in range(3))
     samples = [
         ("gamma_forward", (w, b, gi, s, 2.0)),
         ("fused_dense_step_", (w.clone(), g, buf.clone(), gi, s, go, s.clone(), 2.0, 0.1, 0.9, 0.0, 0.0, False,
@@ -721,6 +722,9 @@ def test_opcheck_half_dtypes(dtype):
                                 [torch.rand(5, 3, generator=gen, dtype=F64), torch.rand(5, generator=gen, dtype=F64)],
                                 1.5, 0.1, 0.9, 0.0, 0.0, False, False, False, 1e-12, None, None, torch.tensor(0.1))),
         ("clamp_", ([w.clone(), b.clone()], -0.1, 0.1)),
+        ("dense_chain_step_", ([w.clone(), w2.clone()], [g, g2], [buf.clone(), buf2.clone()], [b.clone()], [b.clone()],
+                               [b.clone()], [0], None, None, 2.0, 0.1, 0.9, 0.0, 0.01, True, False, False, 1e-12,
+                               None, 1.0, None)),
     ]
     # abs_pow_vjp works on the float64 abs-pow network whatever the parameters' dtype.
     assert {n for n, _ in samples} == set(ops._OP_NAMES) - {"abs_pow_vjp"}

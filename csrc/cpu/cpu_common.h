@@ -59,6 +59,13 @@ void dispatch_sgd_variant(const SgdParams<S>& h, Fn&& fn) {
   }
 }
 
+// The multi-tensor update with materialized kappa (csrc/cpu/multi_tensor_kernels.cpp).
+void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           at::TensorList kappas, double p, double lr, double momentum, double dampening,
+                           double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
+                           std::optional<double> clamp_min, std::optional<double> clamp_max,
+                           const std::optional<at::Tensor>& lr_tensor);
+
 inline void check_log_scale(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kDouble,
               "pathsgd: ", name, " must be a 0-dim float64 tensor, got shape ", t.sizes(), " and dtype ",

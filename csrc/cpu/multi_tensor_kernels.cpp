@@ -63,6 +63,8 @@ void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at
   });
 }
 
+}  // namespace
+
 void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            at::TensorList kappas, double p, double lr, double momentum, double dampening,
                            double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
@@ -101,6 +103,8 @@ void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
     });
   }
 }
+
+namespace {
 
 void clamp_cpu(at::TensorList tensors, double lo, double hi) {
   TORCH_CHECK(lo <= hi, "pathsgd.clamp_: lo must be <= hi, got lo=", lo, ", hi=", hi);

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cuda_common.cuh"
+#include "../dense_chain_step.h"
 
 namespace pathsgd {
 namespace cuda {
@@ -532,11 +533,43 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
   return {y, out_log_scale};
 }
 
+
+// The whole dense chain in one call (csrc/dense_chain_step.h) over this file's kernels.
+std::tuple<at::Tensor, at::Tensor> dense_chain_step_cuda(
+    at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
+    at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
+    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p, double lr,
+    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
+    std::optional<double> clamp_min, std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
+  TORCH_CHECK(!weights.empty(), "pathsgd.dense_chain_step_: needs at least one layer");
+  check_cuda_tensor(weights[0], weights[0].device(), "dense_chain_step_", "weights[0]");
+  const c10::cuda::CUDAGuard guard(weights[0].device());  // the chain's own small tensors and ops
+  const SgdArgs a{p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
+                  lr_tensor};
+  return dense_chain_step(
+      weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_log_scale, a,
+      [](const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& v, const at::Tensor& s, double p_) {
+        return gamma_forward_cuda(w, b, v, s, p_);
+      },
+      [](const at::Tensor& w, const at::Tensor& g, const std::optional<at::Tensor>& buf, const at::Tensor& v_in,
+         const at::Tensor& s_in, const at::Tensor& v_out, const at::Tensor& s_out, const SgdArgs& h) {
+        at::Tensor weight = w;
+        return fused_dense_step_cuda(weight, g, buf, v_in, s_in, v_out, s_out, h.p, h.lr, h.momentum, h.dampening,
+                                     h.weight_decay, h.nesterov, h.maximize, h.first_step, h.eps, h.clamp_min,
+                                     h.clamp_max, h.lr_tensor);
+      },
+      [](at::TensorList params, at::TensorList grads, at::TensorList buffers, at::TensorList kappas, const SgdArgs& h) {
+        scaled_sgd_update_cuda(params, grads, buffers, kappas, h.p, h.lr, h.momentum, h.dampening, h.weight_decay,
+                               h.nesterov, h.maximize, h.first_step, h.eps, h.clamp_min, h.clamp_max, h.lr_tensor);
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pathsgd, CUDA, m) {
   m.impl("gamma_forward", &gamma_forward_cuda);
   m.impl("fused_dense_step_", &fused_dense_step_cuda);
+  m.impl("dense_chain_step_", &dense_chain_step_cuda);
 }
 
 }  // namespace cuda

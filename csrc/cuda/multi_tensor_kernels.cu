@@ -162,6 +162,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+}  // namespace
+
 void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             at::TensorList kappas, double p, double lr, double momentum, double dampening,
                             double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
@@ -238,6 +240,8 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
   }
   for (auto& [param, copy] : write_back) param.copy_(copy);
 }
+
+namespace {
 
 void clamp_cuda(at::TensorList tensors, double lo, double hi) {
   TORCH_CHECK(lo <= hi, "pathsgd.clamp_: lo must be <= hi, got lo=", lo, ", hi=", hi);

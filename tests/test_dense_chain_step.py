@@ -1,0 +1,240 @@
+"""``pathsgd::dense_chain_step_`` (a whole dense chain's step in one op call) on every device:
+
+* bit-identical to the same device's per-layer ops composed as csrc/dense_chain_step.h documents
+  (gamma_forward over the chain, fused_dense_step_ per layer output to input, one
+  scaled_sgd_update_ of the biases): the op is the per-layer step plan without Python;
+* close to its pure-PyTorch twin ``pathsgd.reference.dense_chain_step_`` (and, for the CUDA
+  kernels, to the CPU op), which the brute-force optimizer tests check end to end;
+* bit-identical on a rerun; bad arguments raise before anything changes; opcheck.
+
+Targets: the compiled CPU kernels; the CUDA kernels on a GPU, or on the CPU emulation of CUDA
+when ``PATHSGD_CUDA_EMU`` names its library (``make test-cuda-emu``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import List, Optional
+
+import pytest
+import torch
+
+from pathsgd import ops, reference
+
+F64 = torch.float64
+
+
+def _targets():
+    """[(id, ops namespace or None, device, why skipped or None)]."""
+    targets = []
+    cpu_ok = ops.has_kernel("cpu")
+    targets.append(("cpu", torch.ops.pathsgd if cpu_ok else None, "cpu",
+                    None if cpu_ok else f"no compiled CPU kernels: {ops.unavailable_reason('cpu')}"))
+    if torch.cuda.is_available():
+        ok = ops.has_kernel("cuda")
+        targets.append(("cuda", torch.ops.pathsgd if ok else None, "cuda",
+                        None if ok else f"no CUDA kernels: {ops.unavailable_reason('cuda')}"))
+    elif os.environ.get("PATHSGD_CUDA_EMU") and cpu_ok:
+        ops.load_cuda_emulation()  # a missing library is an error, not a skip: the user asked for it
+        targets.append(("cuda-emu", torch.ops.pathsgd_emu, "cpu", None))
+    else:
+        targets.append(("cuda", None, "cuda", "no CUDA GPU and PATHSGD_CUDA_EMU is not set (make test-cuda-emu)"))
+    return [pytest.param(t, id=t[0], marks=pytest.mark.skipif(t[3] is not None, reason=str(t[3]))) for t in targets]
+
+
+TARGETS = _targets()
+
+RTOL = {torch.float32: 2e-5, F64: 1e-12, torch.float16: 1e-2, torch.bfloat16: 1.6e-2}
+CHAINS = [  # layer sizes input -> output, and which layers have a bias
+    ((5, 3), (0,)),
+    ((7, 1, 9), (0, 1)),
+    ((13, 33, 4, 2), (0, 2)),
+    ((1, 1), ()),
+    ((40, 65, 130, 3), (0, 1, 2)),
+]
+HYPERS = [
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, first_step=False,
+         clamp=None, lr_tensor=False),
+    dict(momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01, maximize=True, first_step=False,
+         clamp=(-0.3, 0.25), lr_tensor=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, maximize=False, first_step=True,
+         clamp=None, lr_tensor=True),
+]
+DTYPES = [torch.float32, F64, torch.float16, torch.bfloat16]
+
+
+def _cases():
+    """Every (chain, dtype, p, hyper, gamma0) pair of values of any two axes occurs at least once."""
+    axes = [range(len(CHAINS)), DTYPES, (1.0, 2.0, 3.0), range(len(HYPERS)), (False, True)]
+    full = list(itertools.product(*axes))
+    pairs = lambda c: {(i, j, c[i], c[j]) for i, j in itertools.combinations(range(len(c)), 2)}  # noqa: E731
+    missing, chosen = set().union(*(pairs(c) for c in full)), []
+    while missing:
+        best = max(full, key=lambda c: len(pairs(c) & missing))
+        chosen.append(best)
+        missing -= pairs(best)
+    return chosen
+
+
+class Chain:
+    """Random chain inputs on the CPU (float64 draws, cast), placed on a device by ``args``."""
+
+    def __init__(self, chain: int, dtype: torch.dtype, p: float, hyper: int, with_gamma0: bool, seed: int = 0):
+        sizes, bias_layers = CHAINS[chain]
+        gen = torch.Generator().manual_seed(seed + 97 * chain + 13 * hyper)
+        draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype)  # noqa
+        self.dtype, self.p, self.h = dtype, p, HYPERS[hyper]
+        self.weights = [draw(o, i, scale=0.5) for i, o in zip(sizes[:-1], sizes[1:])]
+        self.grads = [draw(*w.shape) for w in self.weights]
+        self.buffers = [draw(*w.shape, scale=0.1) for w in self.weights]
+        self.bias_layers = list(bias_layers)
+        self.biases = [draw(sizes[l + 1], scale=0.5) for l in bias_layers]
+        self.bias_grads = [draw(*b.shape) for b in self.biases]
+        self.bias_buffers = [draw(*b.shape, scale=0.1) for b in self.biases]
+        opmath = reference.opmath_dtype(dtype)
+        g0 = torch.rand(sizes[0], generator=gen, dtype=F64) + 0.05
+        self.gamma0 = (g0 / g0.max() * 1.5).to(opmath) if with_gamma0 else None
+        self.gamma0_log_scale = torch.tensor(0.75, dtype=F64) if with_gamma0 else None
+
+    def args(self, device: str) -> tuple:
+        """Fresh copies on ``device`` of everything the op mutates, in the op's argument order."""
+        h = self.h
+        momentum = h["momentum"] != 0
+        to = lambda ts: [t.clone().to(device) for t in ts]  # noqa: E731
+        lo, hi = h["clamp"] if h["clamp"] else (None, None)
+        lr_tensor = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else None
+        return (to(self.weights), to(self.grads), to(self.buffers) if momentum else [], to(self.biases),
+                to(self.bias_grads), to(self.bias_buffers) if momentum else [], list(self.bias_layers),
+                None if self.gamma0 is None else self.gamma0.to(device),
+                None if self.gamma0 is None else self.gamma0_log_scale.to(device), self.p, 0.0 if h["lr_tensor"]
+                else 0.05, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
+                h["first_step"], 1e-3, lo, hi, lr_tensor)
+
+
+def per_layer(ns):
+    """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h."""
+    def run(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s,
+            p, *hyper):
+        momentum = hyper[1] != 0
+        opm = lambda w: reference.opmath_dtype(w.dtype)  # noqa: E731
+        bias_of = dict(zip(bias_layers, biases))
+        first, last = weights[0], weights[-1]
+        if gamma0 is None:
+            gamma0 = torch.ones(first.shape[1], dtype=opm(first), device=first.device)
+            gamma0_s = torch.zeros((), dtype=F64, device=first.device)
+        gin = [(gamma0, gamma0_s)]
+        for l, w in enumerate(weights[:-1]):
+            gin.append(ns.gamma_forward.default(w, bias_of.get(l), gin[-1][0].to(opm(w)), gin[-1][1], p))
+        gout = (torch.ones(last.shape[0], dtype=opm(last), device=last.device), torch.zeros((), dtype=F64,
+                                                                                          device=last.device))
+        kappas = {}
+        for l in reversed(range(len(weights))):
+            if l in bias_of:
+                kappas[l] = gout[0].to(F64) * gout[1].exp()
+            w = weights[l]
+            gout = ns.fused_dense_step_.default(w, weight_grads[l], weight_buffers[l] if momentum else None,
+                                                gin[l][0].to(opm(w)), gin[l][1], gout[0].to(opm(w)), gout[1], p,
+                                                *hyper)
+        if biases:
+            ns.scaled_sgd_update_.default(biases, bias_grads, bias_buffers, [kappas[l] for l in bias_layers], p,
+                                          *hyper)
+        return gout
+    return run
+
+
+def _state(args) -> List[Optional[torch.Tensor]]:
+    """What the op writes: weights, weight buffers, biases, bias buffers."""
+    return [*args[0], *args[2], *args[3], *args[5]]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int).cpu(), b.contiguous().view(as_int).cpu())
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    a, b = a.detach().cpu(), b.detach().cpu()
+    rtol = RTOL[dtype]
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("chain,dtype,p,hyper,with_gamma0", _cases())
+def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p, hyper, with_gamma0):
+    name, ns, device, _ = target
+    case = Chain(chain, dtype, p, hyper, with_gamma0)
+    got_args = case.args(device)
+    got = ns.dense_chain_step_.default(*got_args)
+    assert got[0].dtype == reference.opmath_dtype(dtype) and got[0].shape == (case.weights[0].shape[1],)
+    assert got[1].dtype == F64 and got[1].dim() == 0 and got[0].device.type == device
+    # 1. the per-layer ops of the same device, composed in Python: the same bits
+    layered_args = case.args(device)
+    layered = per_layer(ns)(*layered_args)
+    for i, (a, b) in enumerate(zip(_state(got_args) + list(got), _state(layered_args) + list(layered))):
+        assert same_bits(a, b), f"output {i} differs from the per-layer ops"
+    # 2. the pure-PyTorch twin (and the CPU kernels, for CUDA kernels): close
+    others = [("reference", reference.dense_chain_step_, device)]
+    if name != "cpu":
+        others.append(("cpu", torch.ops.pathsgd.dense_chain_step_.default, "cpu"))
+    for other_name, fn, other_device in others:
+        other_args = case.args(other_device)
+        other = fn(*other_args)
+        for i, (a, b) in enumerate(zip(_state(got_args), _state(other_args))):
+            assert_close(a, b, dtype, f"state {i} vs {other_name}")
+        assert_close(got[0], other[0], reference.opmath_dtype(dtype), f"gamma_out vs {other_name}")
+        assert_close(got[1], other[1].to(F64), reference.opmath_dtype(dtype), f"log scale vs {other_name}")
+    # the weights and biases moved (the comparison is not vacuous; a half-precision update can round away)
+    moved = [not torch.equal(a.cpu(), b) for a, b in zip(got_args[0] + got_args[3], case.weights + case.biases)]
+    assert all(moved) if dtype in (torch.float32, F64) else any(moved), moved
+    # 3. a rerun: the same bits
+    again_args = case.args(device)
+    again = ns.dense_chain_step_.default(*again_args)
+    for a, b in zip(_state(got_args) + list(got), _state(again_args) + list(again)):
+        assert same_bits(a, b), "rerun differs"
+
+
+def _bad(args, **changes) -> tuple:
+    names = ["weights", "weight_grads", "weight_buffers", "biases", "bias_grads", "bias_buffers", "bias_layers",
+             "gamma0", "gamma0_log_scale"]
+    args = list(args)
+    for key, value in changes.items():
+        args[names.index(key)] = value
+    return tuple(args)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
+    _, ns, device, _ = target
+    case = Chain(2, torch.float32, 2.0, 1, False)  # 13-33-4-2, biases on layers 0 and 2, momentum
+    args = case.args(device)
+    before = [t.clone() for t in _state(args)]
+    w = args[0]
+    cases = [
+        (dict(weights=[w[0], w[2], w[1]]), "outputs"),
+        (dict(weight_grads=args[1][:2]), "weight grads"),
+        (dict(weight_buffers=args[2][:1]), "momentum buffers"),
+        (dict(bias_layers=[2, 0]), "increasing"),
+        (dict(bias_layers=[0, 7]), "increasing"),
+        (dict(bias_layers=[1, 2]), "shape"),
+        (dict(bias_grads=args[4][:1]), "bias grads"),
+        (dict(gamma0=torch.ones(13, device=device)), "together"),
+        (dict(gamma0=torch.ones(12, device=device), gamma0_log_scale=torch.zeros((), dtype=F64, device=device)),
+         "gamma0"),
+        (dict(weights=[]), "at least one layer"),
+    ]
+    for changes, needle in cases:
+        with pytest.raises(RuntimeError, match=needle):
+            ns.dense_chain_step_.default(*_bad(args, **changes))
+        for a, b in zip(_state(args), before):
+            assert torch.equal(a, b), f"{changes}: the failed call changed a tensor"
+
+
+@pytest.mark.skipif(not ops.has_kernel("cpu"), reason="compiled CPU kernels not built")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("with_gamma0", [False, True])
+def test_dense_chain_step_opcheck(dtype, with_gamma0):
+    case = Chain(4, dtype, 2.0, 1, with_gamma0)
+    torch.library.opcheck(torch.ops.pathsgd.dense_chain_step_.default, case.args("cpu"))
