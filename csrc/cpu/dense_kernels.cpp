@@ -241,17 +241,34 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, int64_t j0, int64_t j1, s
       // NaN-safe: a NaN product fails the test and takes the min path.
       const bool bounded = kUpdate && !exact && ir * max_inv_col <= inv_eps_s;
       const opmath_t* ics = (kUpdate && !exact) ? kappa->inv_col.data() : nullptr;
-      for (; !exact && j + V::size() <= j1; j += V::size()) {
-        const V wv = V::loadu(w + j);
-        (V::loadu(y + j) + abs_pow(wv, kKind, p) * vgo).store(y + j);
-        if constexpr (kUpdate) {
-          V bv = (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && b)) ? V::loadu(b + j)
-                                                                                     : V(opmath_t(0));
-          V gv = V::loadu(g + j);
-          if (kV == SgdVariant::kAll && h.maximize) gv = V(opmath_t(0)) - gv;
-          const V scale = vir * V::loadu(ics + j);
-          sgd_apply<kV>(wv, gv * (bounded ? scale : M::min_keep_nan(scale, inv_eps)), bv, h).store(w + j);
-          if (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && b)) bv.store(b + j);
+      // One loop per (bounded) value, with restrict pointers: the stores to y and w never alias the
+      // loads, so the compiler may keep several iterations in flight.
+      const auto vector_loop = [&](auto bounded_tag) {
+        constexpr bool kBounded = decltype(bounded_tag)::value;
+        scalar_t* __restrict__ wr = w;
+        const scalar_t* __restrict__ gr = g;
+        scalar_t* __restrict__ br = b;
+        opmath_t* __restrict__ yr = y;
+        const opmath_t* __restrict__ icr = ics;
+        for (; j + V::size() <= j1; j += V::size()) {
+          const V wv = V::loadu(wr + j);
+          (V::loadu(yr + j) + abs_pow(wv, kKind, p) * vgo).store(yr + j);
+          if constexpr (kUpdate) {
+            V bv = (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && br)) ? V::loadu(br + j)
+                                                                                       : V(opmath_t(0));
+            V gv = V::loadu(gr + j);
+            if (kV == SgdVariant::kAll && h.maximize) gv = V(opmath_t(0)) - gv;
+            const V scale = vir * V::loadu(icr + j);
+            sgd_apply<kV>(wv, gv * (kBounded ? scale : M::min_keep_nan(scale, inv_eps)), bv, h).store(wr + j);
+            if (kV == SgdVariant::kPlainMomentum || (kV == SgdVariant::kAll && br)) bv.store(br + j);
+          }
+        }
+      };
+      if (!exact) {
+        if (bounded) {
+          vector_loop(std::true_type{});
+        } else {
+          vector_loop(std::false_type{});
         }
       }
     }
