@@ -17,7 +17,7 @@ CUDA_EMU_LIB := build/cuda-emu/libpathsgd_emu.so
 # The optimizer-level tests that also run through the emulated CUDA kernels: SGD parity against
 # the brute-force oracles, rescaling invariance and its negative control, clamp, determinism.
 CUDA_EMU_STEP_TESTS := sgd_parity or rescaling or clamp_matches_oracle or kappa_recomputed or \
-	deterministic_training or linear_in_dag or dense_head_step
+	deterministic_training or linear_in_dag or dense_head_step or kappa_every
 
 .PHONY: test bench build venv env clean cuda-emu test-cuda-emu
 
@@ -48,7 +48,8 @@ cuda-emu: $(CUDA_EMU_LIB)
 test-cuda-emu: build $(CUDA_EMU_LIB)
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_cuda_ops.py tests/test_dense_chain_step.py
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
-		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py -k "$(CUDA_EMU_STEP_TESTS)"
+		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py tests/test_kappa_schedule.py \
+		-k "$(CUDA_EMU_STEP_TESTS)"
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -37,7 +37,8 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "convergence": {"epochs": 3, "seeds": [0], "grid_size": 1},
     },
     "default": {
-        "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10"], "momenta": [0.0, 0.9],
+        "step_time": {"sizes": ["40-512-512-10", "784-256-256-10", "784-2048-2048-10", "3072-4000-4000-10"],
+                      "momenta": [0.0, 0.9],
                       "min_run_time": 0.2, "rounds": 5, "warmup": 3,
                       "headline_repeats": 3},
         "cnn_step": {"rounds": 30, "block_s": 0.1, "repeats": 3},

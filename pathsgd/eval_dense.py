@@ -110,13 +110,15 @@ def gamma_out_pass(weight: Tensor, gamma_in: LogScaled, gamma_out: LogScaled, p:
 
 
 def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batches,
-               gamma0: Optional[Dict[float, LogScaled]] = None) -> Dict[float, LogScaled]:
+               gamma0: Optional[Dict[float, LogScaled]] = None,
+               record: Optional[Dict[Tensor, Any]] = None) -> Dict[float, LogScaled]:
     """Fused Path-SGD step of a dense chain over the parameters in ``updates``.
 
     ``gamma0`` (per p) is the chain's input gamma when the chain is the head of a larger model;
     then the returned gamma_out at the chain input (per p, from the old weights) is what the rest
     of the model needs. Bias updates (materialized kappa, O(neurons)) go into ``bias_batches``, for
-    the caller's multi-tensor update.
+    the caller's multi-tensor update. ``record`` receives the kappa each parameter was updated with:
+    a weight's ``(gamma_in, its log scale, gamma_out, its log scale)``, a bias's float64 kappa.
     """
     params = [(layer.weight, layer.bias) for layer in chain.layers]  # module attribute lookups are slow: once
     ps = sorted({u.p for u in updates.values()} | set(gamma0 or ()))
@@ -135,6 +137,8 @@ def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batc
             else:
                 kappa = from_log_scaled(on(gamma_out[bias_update.p], bias), bias.device)
             bias_update.prepare_buffer()
+            if record is not None:
+                record[bias] = kappa.clone()  # the last bias's kappa is a shared constant
             key = (id(bias_update.group), bias_update.first_step, bias.device)
             bias_batches.setdefault(key, []).append((bias_update, kappa))
         weight_update = updates.get(weight)
@@ -146,6 +150,8 @@ def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batc
                 continue  # nobody needs the gamma at the model input
             if update is not None:
                 grad, buffer, hyper = update.grad, update.prepare_buffer(), update.hyper()
+                if record is not None:
+                    record[weight] = (*on(gamma_in[p][index], weight), *on(gamma_out[p], weight))
             else:
                 grad, buffer, hyper = None, None, {**READ_ONLY_HYPER, "p": float(p)}
             gamma_out[p] = ops.fused_dense_step_(weight, grad, buffer, *on(gamma_in[p][index], weight),

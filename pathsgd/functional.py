@@ -13,19 +13,21 @@ parameters they read are updated.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Union
+from typing import Any, Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import ops
 from .eval_autograd import AutogradEvaluator
-from .eval_dense import Batches, LogScaled, dense_step, from_log_scaled, to_log_scaled
+from .eval_dense import Batches, LogScaled, dense_step, from_log_scaled, on, to_log_scaled
 from .eval_tape import Kappas, TapeEvaluator
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
 
 Evaluator = Union[TapeEvaluator, AutogradEvaluator]
+# A kappa kept for later steps: a dense weight's (gamma_in, log scale, gamma_out, log scale), else float64 kappa.
+Stored = Union[Tuple[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class ParamUpdate:
@@ -90,11 +92,11 @@ def _apply_batches(batches: Batches, unit: bool = False) -> None:
                                [k for _, k in batch], **first.hyper(unit))
 
 
-def _unit_parameter_step(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
+def _unit_parameter_step(unit_params: Dict[str, Tensor], updates: Dict[Tensor, ParamUpdate]) -> None:
     """PReLU slopes: node rescaling leaves a slope and its gradient unchanged, so they take the plain
     SGD update (kappa = 1, eps not applied), in one multi-tensor update per group."""
     batches: Batches = {}
-    for param in graph.unit_params.values():
+    for param in unit_params.values():
         update = updates.get(param)
         if update is not None:
             _batch(batches, update, torch.ones_like(param, dtype=torch.float64, memory_format=torch.contiguous_format))
@@ -112,9 +114,9 @@ def _dense_for(graph: PathGraph, names: FrozenSet[str], updates: Dict[Tensor, Pa
 
 
 def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results: Dict[float, Kappas],
-                   skip: FrozenSet[str], batches: Batches) -> None:
+                   skip: FrozenSet[str], batches: Batches, record: Optional[Dict[Tensor, Stored]] = None) -> None:
     """The updates of the layers outside ``skip``: dense layers by the fused kernel with their
-    gammas, the rest into ``batches`` with their materialized kappa."""
+    gammas, the rest into ``batches`` with their materialized kappa (both into ``record``)."""
     for name, layer in graph.layers.items():
         if name in skip:
             continue
@@ -127,9 +129,14 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
             if is_weight and name in result.dense_gammas:
                 gammas = [t if t.device == param.device else t.to(param.device) for t in result.dense_gammas[name]]
                 ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), *gammas, **update.hyper())
+                if record is not None:
+                    record[param] = tuple(gammas)
                 continue
             kappa = result.kappas[param_name]
-            _batch(batches, update, kappa if kappa.device == param.device else kappa.to(param.device))
+            kappa = kappa if kappa.device == param.device else kappa.to(param.device)
+            _batch(batches, update, kappa)
+            if record is not None:
+                record[param] = kappa.clone()  # the tape's buffers are reused by the next evaluation
 
 
 def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
@@ -170,28 +177,61 @@ def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
 
 
 def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: Batches,
-                gamma0: Optional[LogScaled] = None) -> Optional[LogScaled]:
+                gamma0: Optional[LogScaled] = None, record: Optional[Dict[Tensor, Stored]] = None
+                ) -> Optional[LogScaled]:
     """The dense walk of a chain: one op call when it applies, else layer by layer (mixed param
-    groups, p values or parameters left out). Returns the gamma_out at the chain input when
-    ``gamma0`` (the chain's input gamma) is given."""
+    groups, p values or parameters left out, or kappas to ``record``). Returns the gamma_out at
+    the chain input when ``gamma0`` (the chain's input gamma) is given."""
     p = next(iter(updates.values())).p
-    if all(u.p == p for u in updates.values()):
+    if record is None and all(u.p == p for u in updates.values()):
         gamma_out = _whole_chain_step(chain, updates, gamma0)
         if gamma_out is not None:
             return gamma_out
     if gamma0 is None:
-        dense_step(chain, updates, batches)
+        dense_step(chain, updates, batches, record=record)
         return None
-    return dense_step(chain, updates, batches, gamma0={p: gamma0})[p]
+    return dense_step(chain, updates, batches, gamma0={p: gamma0}, record=record)[p]
 
 
-def path_sgd(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
-    """Functional Path-SGD step over the parameters in ``updates`` (see :class:`pathsgd.PathSGD`)."""
-    if graph.unit_params:
-        _unit_parameter_step(graph, updates)
+def _stored_step(unit_params: Dict[str, Tensor], updates: Dict[Tensor, ParamUpdate],
+                 stored: Dict[Tensor, Stored]) -> None:
+    """The update with kappas kept from an earlier step (no abs-pow network, no gamma forward):
+    dense weights by the fused kernel with their stored gammas, the rest in multi-tensor batches."""
+    units = {id(t) for t in unit_params.values()}
+    batches: Batches = {}
+    for param, update in updates.items():
+        if id(param) in units:
+            continue
+        entry = stored[param]
+        if isinstance(entry, tuple):
+            v_in, s_in = on(entry[:2], param)
+            v_out, s_out = on(entry[2:], param)
+            ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), v_in, s_in, v_out, s_out,
+                                  **update.hyper())
+        else:
+            _batch(batches, update, entry if entry.device == param.device else entry.to(param.device))
+    _apply_batches(batches)
+
+
+def path_sgd(graph: Optional[PathGraph], updates: Dict[Tensor, ParamUpdate],
+             stored: Optional[Dict[Tensor, Stored]] = None, record: Optional[Dict[Tensor, Stored]] = None,
+             unit_params: Optional[Dict[str, Tensor]] = None) -> None:
+    """Functional Path-SGD step over the parameters in ``updates`` (see :class:`pathsgd.PathSGD`).
+
+    ``stored``: the kappa of every updated parameter, kept from an earlier step (the kappa
+    schedule): no path graph is evaluated (``graph`` may be None; ``unit_params`` names the PReLU
+    slopes). ``record``: filled with the kappa each parameter is updated with this step (a dense
+    weight's four gamma tensors, else a float64 kappa), for a later ``stored`` step.
+    """
+    unit_params = graph.unit_params if graph is not None else (unit_params or {})
+    if unit_params:
+        _unit_parameter_step(unit_params, updates)
+    if stored is not None:
+        _stored_step(unit_params, updates, stored)
+        return
     batches: Batches = {}
     if graph.is_dense_chain:
-        _chain_step(graph.head, updates, batches)
+        _chain_step(graph.head, updates, batches, record=record)
         _apply_batches(batches)
         return
     ps = sorted({u.p for u in updates.values()})
@@ -202,15 +242,15 @@ def path_sgd(graph: PathGraph, updates: Dict[Tensor, ParamUpdate]) -> None:
         acts = trunk.forward(p)
         x = acts.env[graph.head_input]
         gamma0 = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
-        gamma_out = _chain_step(graph.head, updates, batches, gamma0)
+        gamma_out = _chain_step(graph.head, updates, batches, gamma0, record)
         results = {p: trunk.backward(acts, from_log_scaled(gamma_out, x.device))}
-        _layer_updates(graph, updates, results, graph.head_names, batches)
+        _layer_updates(graph, updates, results, graph.head_names, batches, record)
     else:
         results = {}
         for p in ps:  # every evaluation reads the old weights, so all of them run before any update
             evaluator = evaluator_for(graph, None, _dense_for(graph, graph.dense_layers, updates, p))
             results[p] = evaluator.backward(evaluator.forward(p))
-        _layer_updates(graph, updates, results, frozenset(), batches)
+        _layer_updates(graph, updates, results, frozenset(), batches, record)
     _apply_batches(batches)
 
 

@@ -33,6 +33,10 @@ def _check_group(group: Dict[str, Any]) -> None:
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     check_p(group["p"])
+    every = group["kappa_every"]
+    if every is not None and not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"Invalid kappa_every: {every!r} (an int >= 1: recompute kappa every kappa_every steps; "
+                         "or None: compute it once, at the first step, and keep it)")
     if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0):
         raise ValueError(f"Invalid eps value: {group['eps']}")
     group["clamp"] = normalize_clamp(group["clamp"])
@@ -80,6 +84,14 @@ class PathSGD(Optimizer):
             most recent forward input (one path graph per shape); a given one that disagrees with the
             real input is an error at the next step, before anything changes.
         model: the model, when ``params`` are parameters or param groups.
+        kappa_every: recompute kappa every ``kappa_every`` steps (1, the default, is the paper's
+            algorithm: every step), or ``None``: compute it once, at the first step, and keep it. Between
+            refreshes the step is SGD on ``g / kappa_stored^(2/p)`` (no path-graph evaluation, no gamma
+            forward); that keeps the rescaling invariance, because the gradients and the stored kappa
+            transform together. kappa is one function of all the weights: it is recomputed for every
+            parameter when any group's interval is due. The stored kappas (a dense weight's two gamma
+            vectors, else kappa itself) and their ages are in ``state_dict``, so a resumed run continues
+            bit-identically.
         check_finite: raise before the step if a weight is non-finite (costs a sync).
     """
 
@@ -89,7 +101,7 @@ class PathSGD(Optimizer):
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  p: float = 2, clamp: ClampArg = None, eps: float = 1e-12,
                  input_shape: Optional[Tuple[int, ...]] = None, model: Optional[nn.Module] = None,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, kappa_every: Optional[int] = 1) -> None:
         if differentiable:
             raise ValueError("PathSGD does not support differentiable=True: its step runs fused kernels under "
                              "torch.no_grad(); use differentiable=False (the default)")
@@ -121,7 +133,7 @@ class PathSGD(Optimizer):
         self.check_finite = check_finite
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
-                        eps=eps)
+                        eps=eps, kappa_every=kappa_every)
         _check_group(dict(defaults))
         super().__init__(params, defaults)
 
@@ -151,6 +163,7 @@ class PathSGD(Optimizer):
             group.setdefault("clamp", None)
             group.setdefault("eps", 1e-12)
             group.setdefault("p", 2)
+            group.setdefault("kappa_every", 1)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("differentiable", False)
@@ -233,14 +246,75 @@ class PathSGD(Optimizer):
                 loss = closure()
         updates = self._collect_updates()
         if updates:
-            graph = self._graph_for_step()
-            graph.check_mode({id(t) for t in updates})
+            stored, record = self._kappa_schedule(updates)
+            self.graph.check_mode({id(t) for t in updates})
+            graph = self._graph_for_step() if stored is None else None  # a stored kappa needs no graph
             with ops.use_reference(self.use_reference):
-                path_sgd(graph, updates)
+                path_sgd(graph, updates, stored, record, self.graph.unit_params)
             for update in updates.values():
                 if update.first_step or update.buffer_replaced:  # otherwise updated in place
                     self.state[update.param]["momentum_buffer"] = update.buffer
+            if record is not None or stored is not None:
+                self._store_kappas(updates, record)
         return loss
+
+    def _kappa_schedule(self, updates: Dict[Tensor, ParamUpdate]) -> Tuple[Optional[Dict[Tensor, Any]],
+                                                                           Optional[Dict[Tensor, Any]]]:
+        """``(stored, record)``: the kept kappas when no group's interval is due (else None), and a
+        dict to record this step's kappas in when they are to be kept (None with kappa_every=1)."""
+        if all(u.group["kappa_every"] == 1 for u in updates.values()):
+            return None, None
+        units = {id(t) for t in self.graph.unit_params.values()}
+        stored: Dict[Tensor, Any] = {}
+        for param, update in updates.items():
+            if id(param) in units:
+                continue
+            state = self.state.get(param)
+            every = update.group["kappa_every"]
+            if not state or "kappa_age" not in state or (every is not None and state["kappa_age"] >= every):
+                return None, {}
+            stored[param] = state["kappa"] if "kappa" in state else tuple(state[k] for k in _GAMMA_KEYS)
+        return stored, None
+
+    def _store_kappas(self, updates: Dict[Tensor, ParamUpdate], record: Optional[Dict[Tensor, Any]]) -> None:
+        """After a step on the schedule: the new kappas (refresh) or the ages (stored step)."""
+        units = {id(t) for t in self.graph.unit_params.values()}
+        for param in updates:
+            if id(param) in units:
+                continue
+            state = self.state[param]
+            if record is None:
+                state["kappa_age"] += 1
+                continue
+            for key in ("kappa",) + _GAMMA_KEYS:
+                state.pop(key, None)
+            entry = record[param]
+            if isinstance(entry, tuple):
+                state.update({key: t.clone() for key, t in zip(_GAMMA_KEYS, entry)})
+            else:
+                state["kappa"] = entry
+            state["kappa_age"] = 1
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, except that the stored kappas keep their
+        dtype (float64 kappa, opmath gammas): the base class casts floating state to the parameter's."""
+        saved = state_dict["state"]
+        kept = {pid: {k: v for k, v in s.items() if k in _KAPPA_KEYS} for pid, s in saved.items()}
+        state_dict = {**state_dict, "state": {pid: {k: v for k, v in s.items() if k not in _KAPPA_KEYS}
+                                              for pid, s in saved.items()}}
+        super().load_state_dict(state_dict)
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [t for group in self.param_groups for t in group["params"]]
+        by_id = dict(zip(ids, params))
+        for pid, values in kept.items():
+            if values and pid in by_id:
+                param = by_id[pid]
+                self.state[param].update({k: v.to(param.device, copy=True) for k, v in values.items()})
+
+
+# State keys of the kappa schedule (kappa_every != 1): a dense weight's gammas, or the kappa itself.
+_GAMMA_KEYS = ("gamma_in", "gamma_in_log_scale", "gamma_out", "gamma_out_log_scale")
+_KAPPA_KEYS = ("kappa",) + _GAMMA_KEYS
 
 
 class _InputShape:
