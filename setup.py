@@ -118,7 +118,7 @@ setup(
     package_data={"pathsgd": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest>=7.0", "hypothesis>=6.0"], "bench": ["matplotlib>=3.5", "tqdm>=4.60", "mnist1d>=0.0.2"]},
+    extras_require={"test": ["pytest>=7.0", "hypothesis>=6.0"], "bench": ["matplotlib>=3.5", "tqdm>=4.60", "mnist1d>=0.0.2", "scikit-learn>=1.0"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

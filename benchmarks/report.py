@@ -116,6 +116,17 @@ def write_report(results: Dict[str, Any], out: str) -> str:
         md += ["![convergence](convergence.png)", "",
                "Learning-rate grid (final validation accuracy %, seed "
                f"{cv['grid_seed']}):", "", convergence.grid_markdown(cv)]
+    if "paper" in parts:
+        from . import paper
+        pp = parts["paper"]
+        md += ["", "## 1b. The paper's protocol: SGD, AdaGrad and PathSGD with two kappa schedules", "",
+               pp["protocol"], "",
+               f"Splits: {pp['splits']}; epochs {pp['epochs']}; seeds {pp['seeds']} (step-size grid: seed "
+               f"{pp['grid_seed']}); {pp['parallelism']}. Final test accuracy (mean ± std over seeds), final training "
+               "loss (mean), and the first epoch from which each optimizer's mean training loss stays the lowest of "
+               "the four (`never`: it does not end lowest). `*`: the chosen step size is at the edge of the grid.", "",
+               paper.markdown(pp), "", "![paper protocol](paper.png)", "",
+               "Step-size grid (final validation accuracy %):", "", paper.grid_markdown(pp)]
     if "step_time" in parts:
         from . import step_time
         st = parts["step_time"]

@@ -3,7 +3,8 @@
     python -m benchmarks.run            # default: CPU, < 15 minutes on 2 cores
     python -m benchmarks.run --quick    # about a minute: CI smoke test
     python -m benchmarks.run --full     # GPUs: larger sizes, more seeds; device cuda when available
-    options: --out DIR, --parts step_time,cnn_step,scaling,memory,convergence, --device cpu|cuda,
+    python -m benchmarks.run --part paper [--full]   # the paper's protocol alone (--full: 100 epochs)
+    options: --out DIR, --parts step_time,cnn_step,scaling,memory,convergence,paper, --device cpu|cuda,
              --threads N (torch threads for the timing parts; default: all cores), --workers N
 
 Writes ``benchmarks/results/<machine>-<date>[-quick|-full]/`` (or ``--out``): ``report.md``
@@ -25,7 +26,7 @@ import torch
 
 from . import common
 
-PARTS = ["step_time", "cnn_step", "scaling", "memory", "convergence"]
+PARTS = ["step_time", "cnn_step", "scaling", "memory", "convergence", "paper"]
 
 MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "quick": {
@@ -35,6 +36,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "memory": {"sizes": ["784-2048-2048-10"], "momenta": [0.9], "optimizers": ["sgd_foreach", "pathsgd", "naive"],
                    "warmup": 2, "repeats": 3, "processes": 1},
         "convergence": {"epochs": 3, "seeds": [0], "grid_size": 1},
+        "paper": {"epochs": {"mnist1d": 2, "digits": 2}, "seeds": [0], "grid_size": 1},
     },
     "default": {
         "step_time": {"sizes": ["40-512-512-10", "784-256-256-10", "784-2048-2048-10", "3072-4000-4000-10"],
@@ -47,6 +49,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    "optimizers": ["sgd_forloop", "sgd_foreach", "pathsgd", "pathsgd_reference", "naive"],
                    "warmup": 3, "repeats": 5, "processes": 1},
         "convergence": {"epochs": 20, "seeds": [0, 1, 2], "grid_size": None},
+        "paper": {"epochs": {"mnist1d": 20, "digits": 20}, "seeds": [0, 1, 2], "grid_size": None},
     },
     "full": {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"],
@@ -59,6 +62,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    "optimizers": ["sgd_forloop", "sgd_foreach", "pathsgd", "pathsgd_reference", "naive"],
                    "warmup": 3, "repeats": 5, "processes": 2},
         "convergence": {"epochs": 40, "seeds": [0, 1, 2, 3, 4], "grid_size": None},
+        "paper": {"epochs": {"mnist1d": 100, "digits": 100}, "seeds": [0, 1, 2], "grid_size": None},
     },
 }
 
@@ -87,7 +91,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="about a minute (CI smoke test)")
     mode.add_argument("--full", action="store_true", help="larger sizes and more seeds, for GPUs (device cuda if available)")
     parser.add_argument("--out", help="output directory (default benchmarks/results/<machine>-<date>[-mode])")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", "--part", default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--device", help="cpu or cuda (default: cuda with --full when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the timing parts (default: all cores)")
     parser.add_argument("--workers", type=int, default=None,
@@ -172,6 +177,12 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                                 progress_factory=lambda **kw: tqdm(unit="run", **kw), workers=workers)
             convergence.plot(r, os.path.join(out, "convergence.png"))
             print(convergence.text(r), file=sys.stderr)
+        elif part == "paper":
+            from . import paper
+            r = paper.run(epochs=c["epochs"], seeds=c["seeds"], grid_size=c["grid_size"],
+                          progress_factory=lambda **kw: tqdm(unit="run", **kw), workers=workers)
+            paper.plot(r, os.path.join(out, "paper.png"))
+            print(paper.text(r), file=sys.stderr)
         results["parts"][part] = r
         results["part_seconds"][part] = time.perf_counter() - t0
         results["load_average"][f"{part}_end"] = _load()

@@ -9,6 +9,7 @@ dense kernels), which is obviously correct and slower. It is chosen explicitly, 
 """
 from __future__ import annotations
 
+import itertools
 from typing import FrozenSet, Optional
 
 import torch
@@ -72,3 +73,67 @@ def path_norm_pow(graph: PathGraph, p: float) -> Tensor:
             leaves[layer.bias_name] = abs_pow(layer.bias.to(device=device, dtype=torch.float64), p)
     env = _forward(graph, p, leaves, None)
     return sum(env[i].sum() for i in graph.outputs)
+
+
+def _log_abs(t: Tensor) -> Tensor:
+    return t.abs().log()  # log 0 = -inf: a zero weight is on no path's maximum
+
+
+def _max_linear(x: Tensor, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
+    """``y_i = max(max_j log|W_ij| + x_j, log|b_i|)`` over the last dim of x."""
+    y = (x.unsqueeze(-2) + log_w).amax(-1)
+    return torch.maximum(y, log_b) if log_b is not None else y
+
+
+def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
+    """A convolution in the max-times semiring: for every kernel offset, the shifted (strided,
+    dilated) input plus that offset's log|w|, maximized over input channels and offsets."""
+    m = layer.module
+    nd = len(m.kernel_size)
+    stride, dilation, groups = m.stride, m.dilation, m.groups
+    reach = [dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
+    if m.padding == "valid":
+        pads = [(0, 0)] * nd
+    elif m.padding == "same":  # torch pads the extra element of an odd total on the right
+        pads = [(r // 2, r - r // 2) for r in reach]
+    else:
+        pads = [(v, v) for v in m.padding]
+    spatial = x.shape[2:]
+    out = [(spatial[d] + sum(pads[d]) - reach[d] - 1) // stride[d] + 1 for d in range(nd)]
+    pad = [v for d in reversed(range(nd)) for v in pads[d]]
+    xp = torch.nn.functional.pad(x, pad, value=float("-inf")) if any(pad) else x
+    cin_g, cout_g = m.in_channels // groups, m.out_channels // groups
+    xg = xp[0].reshape(groups, cin_g, *xp.shape[2:])                      # (G, Cin/G, *padded)
+    wg = log_w.reshape(groups, cout_g, cin_g, *m.kernel_size)              # (G, Cout/G, Cin/G, *k)
+    y = None
+    for offset in itertools.product(*[range(k) for k in m.kernel_size]):
+        index = tuple(slice(offset[d] * dilation[d], offset[d] * dilation[d] + stride[d] * (out[d] - 1) + 1,
+                            stride[d]) for d in range(nd))
+        shifted = xg[(slice(None), slice(None)) + index]                   # (G, Cin/G, *out)
+        w = wg[(slice(None), slice(None), slice(None)) + offset]           # (G, Cout/G, Cin/G)
+        cand = (w.reshape(*w.shape, *([1] * nd)) + shifted.unsqueeze(1)).amax(2)  # (G, Cout/G, *out)
+        y = cand if y is None else torch.maximum(y, cand)
+    y = y.reshape(1, m.out_channels, *out)
+    if log_b is not None:
+        y = torch.maximum(y, log_b.view(1, -1, *([1] * nd)))
+    return y
+
+
+def log_max_path_product(graph: PathGraph) -> Tensor:
+    """``log phi_inf = log max over input/bias -> output paths of prod |w_e|``, in float64, by a
+    forward max-propagation (the max-times semiring in log domain, so deep nets neither overflow
+    nor underflow); differentiable almost everywhere (the subgradient through the arg-max path)."""
+    device = next(iter(graph.layers.values())).weight.device
+
+    def layer_forward(node: PathNode, x: Tensor) -> Tensor:
+        layer = node.data
+        x = x if x.device == device else x.to(device)
+        log_w = _log_abs(layer.weight.to(device=device, dtype=torch.float64))
+        log_b = _log_abs(layer.bias.to(device=device, dtype=torch.float64)) if layer.bias is not None else None
+        if layer.conv:
+            return _max_conv(x, layer, log_w, log_b)
+        return _max_linear(x, log_w, log_b)
+
+    zeros = torch.zeros((1,) + graph.input_shape, dtype=torch.float64, device=device)  # log 1: the input units
+    env = forward_values(graph, float("inf"), layer_forward, zeros, max_times=True)
+    return torch.stack([env[i].amax() for i in graph.outputs]).amax()

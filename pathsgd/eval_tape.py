@@ -29,6 +29,7 @@ from torch import Tensor
 from . import ops, reference
 from .eval_dense import LogScaled, gamma_out_pass, to_log_scaled
 from .graph import ADD, ALIAS, LAYER, RESHAPE, RULES, SCALE, SUMPOOL, PathGraph, PathNode, forward_values
+from .reference import const_pow
 from .reference import VJP_ADD, VJP_ALIAS, VJP_CONV, VJP_LINEAR, VJP_LOCAL, VJP_RESHAPE, VJP_SCALE, VJP_SUMPOOL
 
 
@@ -138,7 +139,7 @@ class TapeEvaluator:
         """The constant edge weights |c|^p of the tape's multiplications, per p."""
         factors = self._factors.get(p)
         if factors is None:
-            factors = self._factors[p] = [abs(n.data) ** p for n in self.scale_nodes]
+            factors = self._factors[p] = [const_pow(n.data, p) for n in self.scale_nodes]
         return factors
 
     # ---- run --------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import pooling
-from .reference import abs_pow, sum_pool_vjp
+from .reference import abs_pow, const_pow, sum_pool_vjp
 
 # ---- op kinds -----------------------------------------------------------------------------------------------
 INPUT = "input"            # the all-ones input
@@ -141,6 +141,9 @@ class OpRule:
     lower: Callable[["_Lowering", torch.fx.Node, Optional[nn.Module]], Tuple[Tuple[int, ...], Any]]
     forward: Optional[Forward]                         # None only for INPUT and LAYER (evaluator-specific)
     vjp: Optional[Vjp] = None                          # closed form; None: autograd through ``forward``
+    # The op in the max-times semiring, log domain (p = inf): a node's value is the log of the largest path
+    # product reaching it; sums become maxima and products sums.
+    forward_max: Optional[Forward] = None
     modules: Tuple[type, ...] = ()
     functions: FrozenSet[Any] = frozenset()
     methods: FrozenSet[str] = frozenset()
@@ -340,7 +343,7 @@ def _forward_add(node: PathNode, env: Any, p: float) -> Tensor:
 
 
 def _forward_scale(node: PathNode, env: Any, p: float) -> Tensor:
-    return env[node.inputs[0]] * (abs(node.data) ** p)
+    return env[node.inputs[0]] * const_pow(node.data, p)
 
 
 def _forward_sumpool(node: PathNode, env: Any, p: float) -> Tensor:
@@ -383,6 +386,54 @@ def _forward_batchnorm(node: PathNode, env: Any, p: float) -> Tensor:
     return x * abs_pow(scale, p).view(shape) + abs_pow(shift, p).view(shape)
 
 
+# Max-times rules (p = inf, log domain: log 0 = -inf).
+def _log_abs(c: float) -> float:
+    return math.log(abs(c)) if c != 0 else float("-inf")
+
+
+def _max_linear_map(node: PathNode, env: Any, p: float) -> Any:
+    call = node.data
+    if (not call.method and call.target is torch.sum) or (call.method and call.target == "sum"):
+        call = Call(torch.amax if not call.method else "amax", call.args, call.kwargs, call.method)
+    return call.run(env)
+
+
+def _max_add(node: PathNode, env: Any, p: float) -> Tensor:
+    return torch.maximum(env[node.inputs[0]], env[node.inputs[1]])
+
+
+def _max_scale(node: PathNode, env: Any, p: float) -> Tensor:
+    return env[node.inputs[0]] + _log_abs(node.data)
+
+
+def _max_sumpool(node: PathNode, env: Any, p: float) -> Tensor:
+    nd, geometry, ceil_mode = node.data
+    return pooling.max_window(env[node.inputs[0]], nd, geometry, ceil_mode)
+
+
+def _max_avgpool(node: PathNode, env: Any, p: float) -> Tensor:
+    return pooling.avg_pool_max(env[node.inputs[0]], *node.data)
+
+
+def _max_adaptive(node: PathNode, env: Any, p: float) -> Tensor:
+    return pooling.adaptive_pool_max(env[node.inputs[0]], *node.data)
+
+
+def _max_mean(node: PathNode, env: Any, p: float) -> Tensor:
+    x = env[node.inputs[0]]
+    dims, keepdim = node.data
+    dims = tuple(range(x.dim())) if dims is None else ((dims,) if isinstance(dims, int) else tuple(dims))
+    n = math.prod(x.shape[d] for d in dims)
+    return x.amax(dim=dims, keepdim=keepdim) - math.log(n)
+
+
+def _max_batchnorm(node: PathNode, env: Any, p: float) -> Tensor:
+    x = env[node.inputs[0]]
+    scale, shift = batchnorm_constants(node.data, x.device)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.maximum(x + scale.abs().log().view(shape), shift.abs().log().view(shape))
+
+
 # Closed-form VJPs (the rest go through autograd of their forward rule).
 def _vjp_alias(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[Tensor]]:
     return [gy]
@@ -397,7 +448,7 @@ def _vjp_add(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[Te
 
 
 def _vjp_scale(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[Tensor]]:
-    return [gy * (abs(node.data) ** p)]
+    return [gy * const_pow(node.data, p)]
 
 
 def _vjp_sumpool(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[Tensor]]:
@@ -414,35 +465,38 @@ OP_TABLE: Tuple[OpRule, ...] = (
     # PReLU is positively homogeneous for any slope (max(0, cx) + a min(0, cx) = c PReLU(x), c > 0): an
     # identity unit whose slope is on no path (updated with its plain gradient).
     OpRule(ALIAS, "ReLU, LeakyReLU, PReLU, Identity, Dropout/Dropout1d/2d/3d", _lower_alias, _forward_alias,
-           _vjp_alias, modules=_IDENTITY_MODULES,
+           _vjp_alias, forward_max=_forward_alias, modules=_IDENTITY_MODULES,
            functions=frozenset({F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.dropout, F.dropout1d,
                                 F.dropout2d, F.dropout3d}),
            methods=frozenset({"relu", "relu_"})),
     OpRule(RESHAPE, "Flatten/Unflatten/reshape/view", _lower_replay, _forward_call, _vjp_reshape,
-           modules=(nn.Flatten, nn.Unflatten),
+           forward_max=_forward_call, modules=(nn.Flatten, nn.Unflatten),
            functions=frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}),
            methods=frozenset({"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "view_as",
                               "reshape_as"})),
-    OpRule(SUMPOOL, "MaxPool", _lower_sumpool, _forward_sumpool, _vjp_sumpool, modules=_MAXPOOL_TYPES,
+    OpRule(SUMPOOL, "MaxPool", _lower_sumpool, _forward_sumpool, _vjp_sumpool, _max_sumpool, modules=_MAXPOOL_TYPES,
            functions=frozenset(_MAXPOOL_FUNCTIONS)),
-    OpRule(AVGPOOL, "AvgPool", _lower_avgpool, _forward_avgpool, modules=_AVGPOOL_TYPES,
+    OpRule(AVGPOOL, "AvgPool", _lower_avgpool, _forward_avgpool, forward_max=_max_avgpool, modules=_AVGPOOL_TYPES,
            functions=frozenset(_AVGPOOL_FUNCTIONS)),
-    OpRule(ADAPTIVE, "AdaptiveAvgPool/AdaptiveMaxPool", _lower_adaptive, _forward_adaptive, modules=_ADAPTIVE_TYPES,
+    OpRule(ADAPTIVE, "AdaptiveAvgPool/AdaptiveMaxPool", _lower_adaptive, _forward_adaptive, forward_max=_max_adaptive,
+           modules=_ADAPTIVE_TYPES,
            functions=frozenset(_ADAPTIVE_FUNCTIONS)),
-    OpRule(MEAN, "mean/sum over dims", _lower_mean, _forward_mean, functions=frozenset({torch.mean}),
+    OpRule(MEAN, "mean/sum over dims", _lower_mean, _forward_mean, forward_max=_max_mean,
+           functions=frozenset({torch.mean}),
            methods=frozenset({"mean"})),
-    OpRule(ADD, "residual additions", _lower_add, _forward_add, _vjp_add, functions=_ADD_FUNCTIONS),
+    OpRule(ADD, "residual additions", _lower_add, _forward_add, _vjp_add, _max_add, functions=_ADD_FUNCTIONS),
     OpRule(LINEAR_MAP, "torch.cat, slicing, permute/transpose", _lower_linear_map, _forward_call,
+           forward_max=_max_linear_map,
            functions=frozenset({torch.cat, torch.concat, torch.concatenate, torch.sum, operator.getitem,
                                 torch.permute, torch.transpose}),
            methods=frozenset({"sum", "permute", "transpose"})),
-    OpRule(SHAPE_QUERY, "size/dim/shape queries", _lower_shape_query, _forward_call,
+    OpRule(SHAPE_QUERY, "size/dim/shape queries", _lower_shape_query, _forward_call, forward_max=_forward_call,
            functions=frozenset({getattr}), methods=frozenset({"size", "dim"})),
-    OpRule(SCALE, "multiplication by a constant", _lower_scale, _forward_scale, _vjp_scale,
+    OpRule(SCALE, "multiplication by a constant", _lower_scale, _forward_scale, _vjp_scale, _max_scale,
            functions=frozenset({operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv,
                                 torch.div})),
     OpRule(BATCHNORM, "BatchNorm in eval mode with frozen parameters", _lower_batchnorm, _forward_batchnorm,
-           modules=BATCHNORM_TYPES),
+           forward_max=_max_batchnorm, modules=BATCHNORM_TYPES),
 )
 RULES: Dict[str, OpRule] = {rule.kind: rule for rule in OP_TABLE}
 
@@ -903,9 +957,10 @@ LayerForward = Callable[[PathNode, Tensor], Tensor]
 
 
 def forward_values(graph: PathGraph, p: float, layer_forward: LayerForward, ones: Tensor,
-                   stop: Optional[int] = None) -> List[Any]:
-    """The abs-pow network's value at every node (up to ``stop``): the table's forward rules, with
-    ``layer_forward(node, x)`` for the layers (each evaluator brings its own)."""
+                   stop: Optional[int] = None, max_times: bool = False) -> List[Any]:
+    """The abs-pow network's value at every node (up to ``stop``): the table's forward rules (with
+    ``max_times``, its max-times rules: log domain, p = inf), with ``layer_forward(node, x)`` for
+    the layers (each evaluator brings its own)."""
     env: List[Any] = [None] * len(graph.nodes)
     for node in graph.nodes:
         if node.kind == INPUT:
@@ -913,7 +968,8 @@ def forward_values(graph: PathGraph, p: float, layer_forward: LayerForward, ones
         elif node.kind == LAYER:
             env[node.index] = layer_forward(node, env[node.inputs[0]])
         else:
-            env[node.index] = RULES[node.kind].forward(node, env, p)
+            rule = RULES[node.kind]
+            env[node.index] = (rule.forward_max if max_times else rule.forward)(node, env, p)
         if node.index == stop:
             break
     return env

@@ -40,19 +40,40 @@ def sum_pool(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool) -> Tensor:
     return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
 
 
-def avg_pool(x: Tensor, p: float, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
-             count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
-    """An average pool of the abs-pow network: window sums times ``(1 / divisor)^p``, the
-    divisor of each window taken from the layer itself (so padding rules are torch's)."""
+def max_window(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool) -> Tensor:
+    """The largest entry of each pooling window (padding counts as -inf): a window sum in the
+    max-times semiring (p = inf, log domain)."""
+    if nd == 1:
+        return F.max_pool2d(x.unsqueeze(-2), *args, 1, ceil_mode).squeeze(-2)
+    return (F.max_pool2d if nd == 2 else F.max_pool3d)(x, *args, 1, ceil_mode)
+
+
+def avg_inv_divisor(x: Tensor, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                    count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """``1 / divisor`` of every average-pooling window (0 for a window with no input), taken
+    from the layer itself, so padding rules are torch's."""
     user_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
     extra = {} if nd == 1 else {"divisor_override": divisor_override}
-    args = sum_pool_args(nd, kernel, stride, padding)
     ones = torch.ones_like(x)
     avg_ones = user_pool(ones, kernel, stride if stride not in (None, []) else kernel, padding, ceil_mode,
                          count_include_pad, **extra)
-    sum_ones = sum_pool(ones, nd, args, ceil_mode)
-    inv_divisor = torch.where(sum_ones > 0, avg_ones / sum_ones.clamp_min(1), torch.zeros_like(sum_ones))
-    return sum_pool(x, nd, args, ceil_mode) * inv_divisor.pow(p)
+    sum_ones = sum_pool(ones, nd, sum_pool_args(nd, kernel, stride, padding), ceil_mode)
+    return torch.where(sum_ones > 0, avg_ones / sum_ones.clamp_min(1), torch.zeros_like(sum_ones))
+
+
+def avg_pool(x: Tensor, p: float, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+             count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """An average pool of the abs-pow network: window sums times ``(1 / divisor)^p``."""
+    inv_divisor = avg_inv_divisor(x, nd, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    window_sum = sum_pool(x, nd, sum_pool_args(nd, kernel, stride, padding), ceil_mode)
+    return window_sum * (inv_divisor != 0).to(x.dtype) if p == 0 else window_sum * inv_divisor.pow(p)
+
+
+def avg_pool_max(x: Tensor, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: Optional[int]) -> Tensor:
+    """An average pool in the max-times semiring (log domain): window max + log(1 / divisor)."""
+    inv_divisor = avg_inv_divisor(x, nd, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    return max_window(x, nd, sum_pool_args(nd, kernel, stride, padding), ceil_mode) + inv_divisor.log()
 
 
 def adaptive_window_sizes(in_sizes: Sequence[int], out_sizes: Sequence[int], device: torch.device) -> Tensor:
@@ -73,3 +94,12 @@ def adaptive_pool(x: Tensor, p: float, nd: int, output_size: Any, average: bool)
     d = adaptive_window_sizes(x.shape[-nd:], out_size, x.device)
     window_sum = adaptive(x, out_size) * d
     return window_sum * d.pow(-p) if average else window_sum
+
+
+def adaptive_pool_max(x: Tensor, nd: int, output_size: Any, average: bool) -> Tensor:
+    """Adaptive pooling in the max-times semiring (log domain): window max (+ log(1 / size))."""
+    out_size = as_tuple(output_size, nd)
+    out_size = tuple(x.shape[-nd + i] if o is None else o for i, o in enumerate(out_size))
+    pool = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[nd]
+    y = pool(x, out_size)
+    return y - adaptive_window_sizes(x.shape[-nd:], out_size, x.device).log() if average else y

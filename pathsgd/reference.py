@@ -25,12 +25,19 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def abs_pow(w: Tensor, p: float) -> Tensor:
-    """``|w|^p``, exact for p=1 and p=2."""
+    """``|w|^p``, exact for p=1 and p=2; for p=0 the indicator ``w != 0`` (a zero weight cuts its paths)."""
     if p == 2:
         return w * w
     if p == 1:
         return w.abs()
+    if p == 0:
+        return (w != 0).to(w.dtype)
     return w.abs().pow(p)
+
+
+def const_pow(c: float, p: float) -> float:
+    """``|c|^p`` of a constant edge (``c != 0`` for p=0, like :func:`abs_pow`)."""
+    return float(c != 0) if p == 0 else abs(float(c)) ** p
 
 
 def abs_pow_list(ws: List[Tensor], p: float) -> List[Tensor]:
@@ -38,7 +45,9 @@ def abs_pow_list(ws: List[Tensor], p: float) -> List[Tensor]:
     if p == 2:
         return torch._foreach_mul(ws, ws)
     out = torch._foreach_abs(ws)
-    if p != 1:
+    if p == 0:
+        torch._foreach_sign_(out)  # 1 where w != 0
+    elif p != 1:
         torch._foreach_pow_(out, p)
     return out
 
@@ -49,7 +58,9 @@ def abs_pow_list_(ws: List[Tensor], p: float) -> None:
         torch._foreach_mul_(ws, ws)
         return
     torch._foreach_abs_(ws)
-    if p != 1:
+    if p == 0:
+        torch._foreach_sign_(ws)  # 1 where w != 0
+    elif p != 1:
         torch._foreach_pow_(ws, p)
 
 

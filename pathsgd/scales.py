@@ -7,47 +7,108 @@ other graphs take the abs-pow network of :mod:`pathsgd.graph`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from torch import Tensor
 
 from . import eval_autograd, eval_dense, reference
 from .functional import path_scales_of
-from .graph import build_path_graph, lower
+from .graph import PathGraph, build_path_graph, lower
 
 
 def check_p(p: float) -> None:
+    """PathSGD's p: the path-scaled step needs a finite p >= 1."""
     if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 1 and p < float("inf")):
-        raise ValueError(f"Invalid p: {p!r} (Path-SGD needs a finite p >= 1)")
+        raise ValueError(f"Invalid p: {p!r} (Path-SGD needs a finite p >= 1: for p < 1, kappa^(2/p) of a "
+                         "quasi-norm does not make the update rescaling invariant as in the paper; path_norm and "
+                         "path_scales take any p in [0, inf])")
 
 
-def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Tensor:
-    """The path norm ``phi_p(w) = (sum over input/bias -> output paths of prod |w_e|^p)^(1/p)``.
+def check_norm_p(p: float) -> float:
+    """The p of a path norm: any number in [0, inf]."""
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0):  # NaN fails p >= 0
+        raise ValueError(f"Invalid p: {p!r} (a path norm takes p in [0, inf]: 0 counts paths, inf is the largest "
+                         "path product)")
+    return float(p)
 
-    A differentiable scalar (usable as a regularizer) in the parameters' opmath dtype.
-    """
-    check_p(p)
-    graph = build_path_graph(model, input_shape)
-    dtype = reference.opmath_dtype(next(iter(graph.named_parameters().values())).dtype)
+
+def _norm(graph: PathGraph, p: float, log: bool) -> Tensor:
+    """phi_p (or log phi_p) of a built graph, float64, differentiable."""
+    if math.isinf(p):
+        value = eval_autograd.log_max_path_product(graph)
+        return value if log else value.exp()
     if graph.is_dense_chain:
-        return (eval_dense.log_path_norm_pow(graph.head, p) / p).exp().to(dtype)
+        log_pow = eval_dense.log_path_norm_pow(graph.head, p)
+        if p == 0:  # phi_0 is the count itself: exact in float64, without the log round trip
+            count = eval_autograd.path_norm_pow(graph, 0.0)
+            return count.log() if log else count
+        return log_pow / p if log else (log_pow / p).exp()
+    norm_pow = eval_autograd.path_norm_pow(graph, p)
+    if p == 0:
+        return norm_pow.log() if log else norm_pow
+    return norm_pow.log() / p if log else norm_pow.pow(1.0 / p)
+
+
+def _built(model: nn.Module, input_shape: Optional[Tuple[int, ...]]) -> PathGraph:
+    graph = build_path_graph(model, input_shape)
     graph.check_mode(set())
-    return eval_autograd.path_norm_pow(graph, p).pow(1.0 / p).to(dtype)
+    return graph
+
+
+def path_norm(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None,
+              log: bool = False) -> Tensor:
+    r"""The path norm of ``model``, a differentiable scalar (usable as a regularizer).
+
+    .. math::
+        \phi_p(w) = \Big(\sum_{\text{paths } \pi} \prod_{e \in \pi} |w_e|^p\Big)^{1/p}
+
+    over every input/bias -> output path, for any ``p`` in [0, inf]:
+
+    * ``0 < p < 1``: the quasi-norm of the same formula (used in generalization bounds);
+    * ``p = 0``: the number of paths whose every weight is non-zero (a zero weight cuts every path
+      through it; constant edges count when non-zero); piecewise constant, so its gradient is zero;
+    * ``p = inf``: the largest path product ``max over paths of prod |w_e|``, by a forward
+      max-propagation in log domain (deep nets neither overflow nor underflow), differentiable almost
+      everywhere (the subgradient through the arg-max path).
+
+    ``log=True`` returns ``log phi_p`` (finite where ``phi_p`` would overflow). In the parameters'
+    opmath dtype (float64 for float64 parameters, else float32); ``input_shape`` (without the batch
+    dim) is needed for convolutions.
+    """
+    p = check_norm_p(p)
+    graph = _built(model, input_shape)
+    dtype = reference.opmath_dtype(next(iter(graph.named_parameters().values())).dtype)
+    return _norm(graph, p, log).to(dtype)
+
+
+def path_norms(model: nn.Module, ps: Sequence[float], input_shape: Optional[Tuple[int, ...]] = None,
+               log: bool = False) -> Dict[float, Tensor]:
+    """``{p: path_norm(model, p)}`` for several exponents from one trace of the model."""
+    ps = [check_norm_p(p) for p in ps]
+    graph = _built(model, input_shape)
+    dtype = reference.opmath_dtype(next(iter(graph.named_parameters().values())).dtype)
+    return {p: _norm(graph, p, log).to(dtype) for p in ps}
 
 
 def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int, ...]] = None) -> Dict[str, Tensor]:
-    """``{parameter name: kappa}``, kappa shaped like the parameter, in float64.
+    r"""``{parameter name: kappa}``, kappa shaped like the parameter, in float64.
 
-    ``kappa_e`` is the sum over paths through edge e of the product of the other
-    edges' ``|w|^p`` (``= d phi_p^p / d |w_e|^p``); float64 so it does not overflow
-    where the parameters' dtype would.
+    .. math::
+        \kappa_e = \sum_{\text{paths } \pi \ni e} \prod_{e' \in \pi, e' \ne e} |w_{e'}|^p
+        = \partial \phi_p^p / \partial |w_e|^p
+
+    for any finite ``p >= 0`` (p = 0: the number of paths through e whose other weights are all
+    non-zero). float64 so it does not overflow where the parameters' dtype would.
     """
-    check_p(p)
-    graph = build_path_graph(model, input_shape)
+    p = check_norm_p(p)
+    if math.isinf(p):
+        raise ValueError("path_scales(p=inf) is not supported: kappa of the largest path product is not computed "
+                         "yet; path_norm(model, p=float('inf')) is")
+    graph = _built(model, input_shape)
     if graph.is_dense_chain:
         return eval_dense.chain_kappas(graph.head, p)
-    graph.check_mode(set())
     kappas = path_scales_of(graph, p)
     return {name: kappas[name] for name in graph.named_parameters()}
 

@@ -72,10 +72,41 @@ def test_benchmark_suite_quick(tmp_path):
     for name in ("report.md", "results.json", "step_time.png", "scaling.png", "memory.png", "convergence.png"):
         assert (tmp_path / name).is_file(), name
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["parts"]) == {"step_time", "cnn_step", "scaling", "memory", "convergence"}
+    assert set(results["parts"]) == {"step_time", "cnn_step", "scaling", "memory", "convergence", "paper"}
     cnn = results["parts"]["cnn_step"]
     assert len(cnn["runs"]) == 1 and cnn["train_step_ratio_median"] > 1.0  # PathSGD does strictly more work
     assert "Conv net training step" in (tmp_path / "report.md").read_text()
     assert results["machine"]["torch_version"] == torch.__version__
     headline = results["parts"]["step_time"]["headline"]
     assert headline["pathsgd_over_sgd_foreach"] > 0
+
+
+def test_paper_lowest_from_epoch():
+    """The first epoch from which a curve stays the lowest of all (None when it does not end lowest)."""
+    import numpy as np
+    from benchmarks.paper import lowest_from
+    curves = {"a": np.array([1.0, 0.5, 0.4, 0.3, 0.2]), "b": np.array([0.9, 0.6, 0.3, 0.25, 0.1]),
+              "c": np.array([2.0, 0.4, 0.5, 0.5, 0.5])}
+    assert lowest_from(curves) == {"a": None, "b": 2, "c": None}
+    curves["b"][3] = 0.35  # b is lowest at 2 and 4, not at 3: from 4
+    assert lowest_from(curves) == {"a": None, "b": 4, "c": None}
+    assert lowest_from({"x": np.array([1.0, float("nan")]), "y": np.array([2.0, 3.0])}) == {"x": None, "y": 1}
+
+
+def test_paper_initialization_and_unbalanced_copy():
+    """The paper's init (std 1/sqrt(fan_in), zero biases); the unbalanced net computes the same function."""
+    from benchmarks import paper
+    model = paper.make_model("digits", seed=3, init="balanced")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [m.in_features for m in linears] == [64, paper.HIDDEN, paper.HIDDEN]
+    for m in linears:
+        assert float(m.bias.abs().max()) == 0.0
+        assert abs(float(m.weight.std()) * m.in_features ** 0.5 - 1.0) < 0.05
+    unbalanced = paper.make_model("digits", seed=3, init="unbalanced")
+    x = paper.load_digits()["x_test"]
+    with torch.no_grad():
+        a, b = model(x), unbalanced(x)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    ratio = max(float((u.weight.abs() / w.weight.abs()).max()) for u, w in zip(
+        [m for m in unbalanced if isinstance(m, nn.Linear)], linears))
+    assert ratio > 10  # really rescaled

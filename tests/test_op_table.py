@@ -75,6 +75,9 @@ def _kappas(model: nn.Module, p: float, evaluator: str, reference_ops: bool) -> 
 def test_every_table_entry_has_an_example():
     assert {rule.kind for rule in graph.OP_TABLE} == set(EXAMPLES)
     assert len({rule.kind for rule in graph.OP_TABLE}) == len(graph.OP_TABLE)
+    # every op has its meaning in both semirings (the layer rules live in the evaluators)
+    assert all(rule.forward is not None and rule.forward_max is not None for rule in graph.OP_TABLE
+               if rule.kind != graph.LAYER)
 
 
 @pytest.mark.parametrize("p", (1, 2, 3))
@@ -101,6 +104,10 @@ def test_table_entry_validates_evaluates_and_steps(kind, p):
     share = float((taped["fc.weight"] * fc.weight.detach().abs() ** p).sum()
                   + (taped["fc.bias"] * fc.bias.detach().abs() ** p).sum())
     assert share == pytest.approx(norm_pow, rel=1e-10)
+    # the max-times rule: phi_inf <= phi_1 <= (number of paths) * phi_inf
+    norms = {q: float(v.detach()) for q, v in pathsgd.path_norms(model, (0, 1, float("inf")), INPUT_SHAPE).items()}
+    assert 0 < norms[float("inf")] <= norms[1.0] * (1 + 1e-12)
+    assert norms[1.0] <= norms[0.0] * norms[float("inf")] * (1 + 1e-12)
     # the step takes the taped trunk and the dense head, and matches SGD on grad / kappa^(2/p)
     twin = _model(kind)
     opt = pathsgd.PathSGD(model, lr=0.01, p=p, input_shape=INPUT_SHAPE)

@@ -596,12 +596,15 @@ def test_bad_hyper_parameters(kwargs, match):
 
 
 def test_bad_p_in_path_norm_and_path_scales():
+    """Path norms take p in [0, inf] (tests/test_path_norm_exponents.py); outside that, an error."""
     model = make_mlp((3, 4, 2), seed=42)
-    for p in (0.5, float("inf"), float("nan")):
+    for p in (-0.5, float("nan"), True):
         with pytest.raises(ValueError, match="Invalid p"):
             pathsgd.path_norm(model, p)
         with pytest.raises(ValueError, match="Invalid p"):
             pathsgd.path_scales(model, p)
+    with pytest.raises(ValueError, match="p=inf.*not supported"):
+        pathsgd.path_scales(model, float("inf"))
 
 
 def test_no_model_given():
