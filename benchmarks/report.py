@@ -127,6 +127,15 @@ def write_report(results: Dict[str, Any], out: str) -> str:
                "the four (`never`: it does not end lowest). `*`: the chosen step size is at the edge of the grid.", "",
                paper.markdown(pp), "", "![paper protocol](paper.png)", "",
                "Step-size grid (final validation accuracy %):", "", paper.grid_markdown(pp)]
+    if "path_norm" in parts:
+        pn = parts["path_norm"]
+        rows = [[p, f"{v['median_s']:.3f}", f"{v['min_s']:.3f}", f"{v['log_path_norm']:.6g}"] for p, v in pn["p"].items()]
+        from .common import md_table
+        md += ["", "## 1c. Path norm of a ResNet-18", "",
+               f"`pathsgd.path_norm(model, p, (3, 224, 224), log=True)` on {pn['model']} (`benchmarks/resnet.py`), "
+               f"{pn['threads']} threads, the whole call (trace, validation, shape propagation, evaluation), median of "
+               f"{pn['repeats']} after one warm-up call. p = inf is the forward max-propagation in log domain.", "",
+               md_table(["p", "median s", "min s", "log path norm"], rows)]
     if "step_time" in parts:
         from . import step_time
         st = parts["step_time"]

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick    # about a minute: CI smoke test
     python -m benchmarks.run --full     # GPUs: larger sizes, more seeds; device cuda when available
     python -m benchmarks.run --part paper [--full]   # the paper's protocol alone (--full: 100 epochs)
-    options: --out DIR, --parts step_time,cnn_step,scaling,memory,convergence,paper, --device cpu|cuda,
+    options: --out DIR, --parts step_time,cnn_step,scaling,memory,path_norm,convergence,paper, --device cpu|cuda,
              --threads N (torch threads for the timing parts; default: all cores), --workers N
 
 Writes ``benchmarks/results/<machine>-<date>[-quick|-full]/`` (or ``--out``): ``report.md``
@@ -26,7 +26,7 @@ import torch
 
 from . import common
 
-PARTS = ["step_time", "cnn_step", "scaling", "memory", "convergence", "paper"]
+PARTS = ["step_time", "cnn_step", "scaling", "memory", "path_norm", "convergence", "paper"]
 
 MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "quick": {
@@ -37,6 +37,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    "warmup": 2, "repeats": 3, "processes": 1},
         "convergence": {"epochs": 3, "seeds": [0], "grid_size": 1},
         "paper": {"epochs": {"mnist1d": 2, "digits": 2}, "seeds": [0], "grid_size": 1},
+        "path_norm": {"repeats": 1, "ps": [2.0]},
     },
     "default": {
         "step_time": {"sizes": ["40-512-512-10", "784-256-256-10", "784-2048-2048-10", "3072-4000-4000-10"],
@@ -50,6 +51,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    "warmup": 3, "repeats": 5, "processes": 1},
         "convergence": {"epochs": 20, "seeds": [0, 1, 2], "grid_size": None},
         "paper": {"epochs": {"mnist1d": 20, "digits": 20}, "seeds": [0, 1, 2], "grid_size": None},
+        "path_norm": {"repeats": 5, "ps": [2.0, float("inf")]},
     },
     "full": {
         "step_time": {"sizes": ["40-512-512-10", "784-2048-2048-10", "3072-4000-4000-10", "4096-8192-8192-10"],
@@ -63,6 +65,7 @@ MODES: Dict[str, Dict[str, Dict[str, Any]]] = {
                    "warmup": 3, "repeats": 5, "processes": 2},
         "convergence": {"epochs": 40, "seeds": [0, 1, 2, 3, 4], "grid_size": None},
         "paper": {"epochs": {"mnist1d": 100, "digits": 100}, "seeds": [0, 1, 2], "grid_size": None},
+        "path_norm": {"repeats": 5, "ps": [1.0, 2.0, float("inf")]},
     },
 }
 
@@ -177,6 +180,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                                 progress_factory=lambda **kw: tqdm(unit="run", **kw), workers=workers)
             convergence.plot(r, os.path.join(out, "convergence.png"))
             print(convergence.text(r), file=sys.stderr)
+        elif part == "path_norm":  # CPU: pathsgd.path_norm of a ResNet-18 in float64 at 224x224
+            from . import resnet
+            r = resnet.time_path_norms(c["repeats"], c["ps"], threads)
+            print(r, file=sys.stderr)
         elif part == "paper":
             from . import paper
             r = paper.run(epochs=c["epochs"], seeds=c["seeds"], grid_size=c["grid_size"],

@@ -85,13 +85,64 @@ def _max_linear(x: Tensor, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
     return torch.maximum(y, log_b) if log_b is not None else y
 
 
+class _MaxPlusConv(torch.autograd.Function):
+    """A convolution in the max-times semiring (log domain):
+    ``y[o, pos] = max over (c, k) of log_w[o, c, k] + x[c, pos * stride + k * dilation]`` (within o's
+    group). The forward keeps only the arg-max (one index per output), so memory stays at the size of
+    the maps; the backward sends each output's gradient to its arg-max weight and input."""
+
+    @staticmethod
+    def forward(ctx, xp: Tensor, log_w: Tensor, stride, dilation, groups: int, out) -> Tensor:
+        nd = len(out)
+        cout, cin_g, kernel = log_w.shape[0], log_w.shape[1], log_w.shape[2:]
+        cout_g = cout // groups
+        xg = xp[0].reshape(groups, cin_g, *xp.shape[2:])            # (G, Cin/G, *padded)
+        wg = log_w.reshape(groups, cout_g, cin_g, *kernel)           # (G, Cout/G, Cin/G, *k)
+        best = torch.full((groups, cout_g, *out), float("-inf"), dtype=xp.dtype, device=xp.device)
+        arg = torch.zeros((groups, cout_g, *out), dtype=torch.long, device=xp.device)  # offset * Cin/G + c
+        offsets = list(itertools.product(*[range(k) for k in kernel]))
+        for k, offset in enumerate(offsets):
+            shifted = xg[(slice(None), slice(None)) + _window(offset, stride, dilation, out)]  # (G, Cin/G, *out)
+            w = wg[(slice(None), slice(None), slice(None)) + offset]
+            cand, c = (w.reshape(*w.shape, *([1] * nd)) + shifted.unsqueeze(1)).max(2)
+            better = cand > best  # strict: the first maximum wins, as in torch.max
+            best = torch.where(better, cand, best)
+            arg = torch.where(better, c + k * cin_g, arg)
+        ctx.save_for_backward(arg)
+        ctx.meta = (xp.shape, log_w.shape, stride, dilation, groups, out, offsets)
+        return best.reshape(1, cout, *out)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        (arg,) = ctx.saved_tensors
+        x_shape, w_shape, stride, dilation, groups, out, offsets = ctx.meta
+        cout, cin_g = w_shape[0], w_shape[1]
+        cout_g = cout // groups
+        gy = gy.reshape(groups, cout_g, *out)
+        gx = torch.zeros((groups, cin_g, *x_shape[2:]), dtype=gy.dtype, device=gy.device)
+        gw = torch.zeros((groups, cout_g, cin_g, len(offsets)), dtype=gy.dtype, device=gy.device)
+        channel, which = arg % cin_g, arg // cin_g
+        for k, offset in enumerate(offsets):
+            g = torch.where(which == k, gy, torch.zeros_like(gy))
+            window = (slice(None), slice(None)) + _window(offset, stride, dilation, out)
+            gx[window] += torch.zeros((groups, cin_g, *out), dtype=gy.dtype, device=gy.device).scatter_add_(
+                1, channel, g)
+            gw[..., k] = torch.zeros((groups, cout_g, cin_g), dtype=gy.dtype, device=gy.device).scatter_add_(
+                2, channel.flatten(2), g.flatten(2))
+        return gx.reshape(x_shape), gw.reshape(w_shape), None, None, None, None
+
+
+def _window(offset, stride, dilation, out) -> tuple:
+    """The input positions a kernel offset reads for every output position (a strided slice)."""
+    return tuple(slice(offset[d] * dilation[d], offset[d] * dilation[d] + stride[d] * (out[d] - 1) + 1, stride[d])
+                 for d in range(len(out)))
+
+
 def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
-    """A convolution in the max-times semiring: for every kernel offset, the shifted (strided,
-    dilated) input plus that offset's log|w|, maximized over input channels and offsets."""
+    """A convolution in the max-times semiring, padding as -inf (log 0: no edge)."""
     m = layer.module
     nd = len(m.kernel_size)
-    stride, dilation, groups = m.stride, m.dilation, m.groups
-    reach = [dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
+    reach = [m.dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
     if m.padding == "valid":
         pads = [(0, 0)] * nd
     elif m.padding == "same":  # torch pads the extra element of an odd total on the right
@@ -99,21 +150,10 @@ def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tenso
     else:
         pads = [(v, v) for v in m.padding]
     spatial = x.shape[2:]
-    out = [(spatial[d] + sum(pads[d]) - reach[d] - 1) // stride[d] + 1 for d in range(nd)]
+    out = tuple((spatial[d] + sum(pads[d]) - reach[d] - 1) // m.stride[d] + 1 for d in range(nd))
     pad = [v for d in reversed(range(nd)) for v in pads[d]]
     xp = torch.nn.functional.pad(x, pad, value=float("-inf")) if any(pad) else x
-    cin_g, cout_g = m.in_channels // groups, m.out_channels // groups
-    xg = xp[0].reshape(groups, cin_g, *xp.shape[2:])                      # (G, Cin/G, *padded)
-    wg = log_w.reshape(groups, cout_g, cin_g, *m.kernel_size)              # (G, Cout/G, Cin/G, *k)
-    y = None
-    for offset in itertools.product(*[range(k) for k in m.kernel_size]):
-        index = tuple(slice(offset[d] * dilation[d], offset[d] * dilation[d] + stride[d] * (out[d] - 1) + 1,
-                            stride[d]) for d in range(nd))
-        shifted = xg[(slice(None), slice(None)) + index]                   # (G, Cin/G, *out)
-        w = wg[(slice(None), slice(None), slice(None)) + offset]           # (G, Cout/G, Cin/G)
-        cand = (w.reshape(*w.shape, *([1] * nd)) + shifted.unsqueeze(1)).amax(2)  # (G, Cout/G, *out)
-        y = cand if y is None else torch.maximum(y, cand)
-    y = y.reshape(1, m.out_channels, *out)
+    y = _MaxPlusConv.apply(xp, log_w, tuple(m.stride), tuple(m.dilation), m.groups, out)
     if log_b is not None:
         y = torch.maximum(y, log_b.view(1, -1, *([1] * nd)))
     return y

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -111,6 +112,24 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
         return eval_dense.chain_kappas(graph.head, p)
     kappas = path_scales_of(graph, p)
     return {name: kappas[name] for name in graph.named_parameters()}
+
+
+def path_magnitudes(model: nn.Module, p: float = 1, input_shape: Optional[Tuple[int, ...]] = None
+                    ) -> Dict[str, Tensor]:
+    r"""``{parameter name: |w|^p * kappa}``, shaped like the parameter, in float64: each weight's share of
+    :math:`\phi_p^p`,
+
+    .. math::
+        m_e = |w_e|^p \kappa_e = \sum_{\text{paths } \pi \ni e} \prod_{e' \in \pi} |w_{e'}|^p,
+
+    the total product of the paths through e (the score of path-magnitude pruning: removing e removes
+    exactly these paths). Summed over all weights, each path counts once per weight on it. Any finite
+    ``p >= 0`` (p = 0: the number of non-zero paths through e).
+    """
+    kappas = path_scales(model, p, input_shape)
+    named = dict(build_path_graph(model, input_shape).named_parameters())
+    return {name: reference.abs_pow(named[name].detach().to(torch.float64), p) * kappa
+            for name, kappa in kappas.items()}
 
 
 def check_support(model: nn.Module, input_shape: Optional[Tuple[int, ...]] = None) -> List[str]:

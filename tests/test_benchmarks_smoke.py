@@ -72,7 +72,7 @@ def test_benchmark_suite_quick(tmp_path):
     for name in ("report.md", "results.json", "step_time.png", "scaling.png", "memory.png", "convergence.png"):
         assert (tmp_path / name).is_file(), name
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["parts"]) == {"step_time", "cnn_step", "scaling", "memory", "convergence", "paper"}
+    assert set(results["parts"]) == {"step_time", "cnn_step", "scaling", "memory", "path_norm", "convergence", "paper"}
     cnn = results["parts"]["cnn_step"]
     assert len(cnn["runs"]) == 1 and cnn["train_step_ratio_median"] > 1.0  # PathSGD does strictly more work
     assert "Conv net training step" in (tmp_path / "report.md").read_text()
@@ -110,3 +110,17 @@ def test_paper_initialization_and_unbalanced_copy():
     ratio = max(float((u.weight.abs() / w.weight.abs()).max()) for u, w in zip(
         [m for m in unbalanced if isinstance(m, nn.Linear)], linears))
     assert ratio > 10  # really rescaled
+
+
+def test_resnet18_path_norm_is_the_classifier_share():
+    """The torchvision-shaped ResNet-18 of benchmarks/resnet.py is supported, and its path norm agrees
+    with its kappas: every path crosses the classifier exactly once (a weight or its bias), so
+    phi_p^p = sum over fc of |w|^p kappa (tape) = path_norm^p (autograd evaluator), p = 2, 3x32x32."""
+    from benchmarks.resnet import resnet18
+    model = resnet18(seed=1)
+    assert pathsgd.check_support(model, (3, 32, 32)) == []
+    magnitudes = pathsgd.path_magnitudes(model, 2, (3, 32, 32))
+    share = float(magnitudes["fc.weight"].sum() + magnitudes["fc.bias"].sum())
+    norm = float(pathsgd.path_norm(model, 2, (3, 32, 32)).detach())
+    assert share == pytest.approx(norm ** 2, rel=1e-10)
+    assert len(magnitudes) == sum(1 for n, t in model.named_parameters() if t.requires_grad)

@@ -156,10 +156,18 @@ def test_linf_of_a_100_layer_float32_net_leaves_float32_range():
     assert math.isinf(float(pathsgd.path_norm(model, INF).detach()))  # the value itself overflows float32, as it should
 
 
+def _tiny_conv():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                         nn.Conv1d(4, 2, 2, dilation=2), nn.Flatten(), nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("p", (0.5, INF))
-def test_path_norm_gradient_matches_finite_differences(p):
-    model = make_mlp((2, 3, 2), seed=5, scale=1.3)
-    norm = pathsgd.path_norm(model, p)
+def test_path_norm_gradient_matches_finite_differences(p, kind):
+    model = make_mlp((2, 3, 2), seed=5, scale=1.3) if kind == "mlp" else _tiny_conv()
+    shape = None if kind == "mlp" else (2, 7)
+    norm = pathsgd.path_norm(model, p, shape)
     params = list(model.parameters())
     grads = torch.autograd.grad(norm, params)
     h = 1e-6
@@ -168,9 +176,9 @@ def test_path_norm_gradient_matches_finite_differences(p):
             with torch.no_grad():
                 old = float(param[idx])
                 param[idx] = old + h
-                up = float(pathsgd.path_norm(model, p).detach())
+                up = float(pathsgd.path_norm(model, p, shape).detach())
                 param[idx] = old - h
-                down = float(pathsgd.path_norm(model, p).detach())
+                down = float(pathsgd.path_norm(model, p, shape).detach())
                 param[idx] = old
             assert float(grad[idx]) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8), (idx, p)
     assert any(float(g.abs().max()) > 0 for g in grads)
@@ -186,3 +194,32 @@ def test_pathsgd_still_needs_p_at_least_one():
     for p in (0, 0.5, INF):
         with pytest.raises(ValueError, match=r"p >= 1.*quasi-norm"):
             pathsgd.PathSGD(make_mlp((2, 2)), lr=0.1, p=p)
+
+
+def magnitude_oracle(model: nn.Module, p: float):
+    """{name: sum over the paths through each weight of the path's product} by enumeration."""
+    layers = linear_layers(model)
+    W = [m.weight.detach().double().tolist() for _, m in layers]
+    B = [m.bias.detach().double().tolist() if m.bias is not None else None for _, m in layers]
+    widths = [layers[0][1].in_features] + [m.out_features for _, m in layers]
+    value = lambda e: W[e[1] - 1][e[2]][e[3]] if e[0] == "w" else B[e[1] - 1][e[2]]  # noqa: E731
+    share = {}
+    for path in enumerate_paths(widths, [b is not None for b in B]):
+        prod = math.prod(_edge_pow(value(e), p) for e in path)
+        for e in path:
+            share[e] = share.get(e, 0.0) + prod
+    return share
+
+
+@pytest.mark.parametrize("p", (0, 1, 2))
+def test_path_magnitudes_match_enumeration(p):
+    model = _with_zeros(make_mlp((3, 4, 2), seed=6, scale=1.4))
+    got = pathsgd.path_magnitudes(model, p)
+    share = magnitude_oracle(model, p)
+    for layer, (name, m) in enumerate(linear_layers(model), start=1):
+        want_w = torch.tensor([[share.get(("w", layer, i, j), 0.0) for j in range(m.in_features)]
+                               for i in range(m.out_features)], dtype=torch.float64)
+        torch.testing.assert_close(got[f"{name}.weight"], want_w, rtol=1e-12, atol=0)
+        want_b = torch.tensor([share.get(("b", layer, i), 0.0) for i in range(m.out_features)], dtype=torch.float64)
+        torch.testing.assert_close(got[f"{name}.bias"], want_b, rtol=1e-12, atol=0)
+    assert float(got["0.weight"][0, 0]) == 0.0  # a zero weight carries no path product
