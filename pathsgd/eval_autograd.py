@@ -42,8 +42,8 @@ class AutogradEvaluator:
     def forward(self, p: float) -> Activations:
         device = next(iter(self.graph.layers.values())).weight.device
         with torch.no_grad():
-            values = abs_pow_list([getattr(m, kind).detach().to(device=device, dtype=torch.float64)
-                                   for _, m, kind in self.leaf_sources], p) if self.leaf_sources else []
+            values = abs_pow_list([layer.effective(kind).detach().to(device=device, dtype=torch.float64)
+                                   for _, layer, kind in self.leaf_sources], p) if self.leaf_sources else []
         leaves = {name: v.requires_grad_(True) for (name, _, _), v in zip(self.leaf_sources, values)}
         with torch.enable_grad():  # the step runs under no_grad
             env = _forward(self.graph, p, leaves, self.stop)

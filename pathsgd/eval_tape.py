@@ -51,17 +51,17 @@ class Kappas:
         self.kappas, self.dense_gammas = kappas, dense_gammas
 
 
-def layer_leaves(graph: PathGraph, stop: Optional[int], dense: FrozenSet[str]) -> List[Tuple[str, nn.Module, str]]:
-    """``(parameter name, module, "weight"|"bias")`` of every ``|w|^p`` leaf an evaluation up to
+def layer_leaves(graph: PathGraph, stop: Optional[int], dense: FrozenSet[str]) -> List[Tuple[str, Any, str]]:
+    """``(parameter name, layer, "weight"|"bias")`` of every ``|w|^p`` leaf an evaluation up to
     ``stop`` reads: the layers before it, without the weights of ``dense`` layers."""
     evaluated = {n.data.name for n in graph.nodes[:None if stop is None else stop + 1] if n.kind == LAYER}
     leaves = []
     for layer in graph.layers.values():
         if layer.name in evaluated:
             if layer.name not in dense:
-                leaves.append((layer.weight_name, layer.module, "weight"))
+                leaves.append((layer.weight_name, layer, "weight"))
             if layer.bias_name is not None:
-                leaves.append((layer.bias_name, layer.module, "bias"))
+                leaves.append((layer.bias_name, layer, "bias"))
     return leaves
 
 
@@ -149,7 +149,7 @@ class TapeEvaluator:
     def _abs_pow_leaves(self, p: float, device: torch.device) -> Dict[str, Tensor]:
         """``{name: |w|^p}`` in float64: one multi-tensor copy of the current parameters (read
         from their modules on every call) into reused buffers, then an in-place power."""
-        sources = [getattr(m, kind) for _, m, kind in self.leaf_sources]
+        sources = [layer.effective(kind) for _, layer, kind in self.leaf_sources]
         buffers = self._leaf_buffers.get(device)
         if buffers is None or any(b.shape != t.shape for b, t in zip(buffers, sources)):
             buffers = self._leaf_buffers[device] = [torch.empty(t.shape, dtype=torch.float64, device=device)

@@ -107,7 +107,7 @@ def _dense_for(graph: PathGraph, names: FrozenSet[str], updates: Dict[Tensor, Pa
     """The layers of ``names`` whose weight is updated with this p (their kappa stays rank 1)."""
     chosen = []
     for name in names:
-        update = updates.get(graph.layers[name].weight)
+        update = updates.get(graph.layers[name].weight_param)
         if update is not None and update.p == p:
             chosen.append(name)
     return frozenset(chosen)
@@ -120,8 +120,8 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
     for name, layer in graph.layers.items():
         if name in skip:
             continue
-        for param, param_name, is_weight in ((layer.weight, layer.weight_name, True),
-                                             (layer.bias, layer.bias_name, False)):
+        for param, param_name, is_weight in ((layer.weight_param, layer.weight_name, True),
+                                             (layer.bias_param, layer.bias_name, False)):
             update = updates.get(param) if param is not None else None
             if update is None:
                 continue

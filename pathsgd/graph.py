@@ -83,15 +83,29 @@ class Call:
         return self.target(*args, **kwargs)
 
 
+def _pruned(module: nn.Module, kind: str) -> bool:
+    """``torch.nn.utils.prune`` replaced ``kind`` by ``kind_orig`` (a parameter) times ``kind_mask``."""
+    return isinstance(getattr(module, f"{kind}_orig", None), nn.Parameter) and hasattr(module, f"{kind}_mask")
+
+
 class Layer:
     """A weighted module (Linear or Conv) of the path graph; weights are read from the module on
-    every access, so replaced or cast parameters are always current."""
+    every access, so replaced or cast parameters are always current.
+
+    ``weight`` / ``bias`` are the effective tensors on the paths; ``weight_param`` / ``bias_param`` the
+    parameters the optimizer updates (``weight_name`` / ``bias_name`` their public names). They differ
+    for a pruned layer (``torch.nn.utils.prune``): the effective weight is ``weight_orig * weight_mask``,
+    freshly multiplied on every access, and ``weight_orig`` is updated with the kappa of that product."""
 
     def __init__(self, name: str, module: nn.Module, prefix: str) -> None:
         self.name = name
         self.module = module
-        self.weight_name = parameter_name(name, "weight", prefix)
-        self.bias_name = parameter_name(name, "bias", prefix) if module.bias is not None else None
+        self.weight_pruned = _pruned(module, "weight")
+        self.bias_pruned = _pruned(module, "bias")
+        self.pruned = self.weight_pruned or self.bias_pruned
+        self.weight_name = parameter_name(name, "weight_orig" if self.weight_pruned else "weight", prefix)
+        has_bias = self.bias_pruned or module.bias is not None
+        self.bias_name = parameter_name(name, "bias_orig" if self.bias_pruned else "bias", prefix) if has_bias else None
         self.conv = isinstance(module, CONV_TYPES)
         if self.conv:
             self.fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
@@ -101,12 +115,25 @@ class Layer:
         self.uses = 0  # calls in the traced graph (a module called twice shares its weights)
 
     @property
-    def weight(self) -> nn.Parameter:
-        return self.module.weight
+    def weight(self) -> Tensor:
+        m = self.module
+        return m.weight_orig * m.weight_mask if self.weight_pruned else m.weight
 
     @property
-    def bias(self) -> Optional[nn.Parameter]:
-        return self.module.bias
+    def bias(self) -> Optional[Tensor]:
+        m = self.module
+        return m.bias_orig * m.bias_mask if self.bias_pruned else m.bias
+
+    @property
+    def weight_param(self) -> nn.Parameter:
+        return self.module.weight_orig if self.weight_pruned else self.module.weight
+
+    @property
+    def bias_param(self) -> Optional[nn.Parameter]:
+        return self.module.bias_orig if self.bias_pruned else self.module.bias
+
+    def effective(self, kind: str) -> Tensor:
+        return self.weight if kind == "weight" else self.bias
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The layer of the abs-pow network: this layer's geometry with |W|^p and |b|^p."""
@@ -862,7 +889,7 @@ class PathGraph:
             node.input_rank = x.dim()
             lyr = node.data
             ones = [torch.ones(t.shape, dtype=torch.float64, device=device) if t is not None else None
-                    for t in (lyr.weight, lyr.bias)]
+                    for t in (lyr.weight_param, lyr.bias_param)]
             return lyr.forward(x.to(device), *ones)
 
         try:
@@ -885,9 +912,10 @@ class PathGraph:
         return counts
 
     def _find_dense_segments(self) -> None:
+        # A pruned layer updates weight_orig from the kappa of weight_orig * mask: materialized, not fused.
         self.dense_layers = frozenset(
             n.data.name for n in self.nodes if n.kind == LAYER and not n.data.conv and n.data.uses == 1
-            and n.input_rank == 2)
+            and n.input_rank == 2 and not n.data.pruned)
         users = self._path_users()
         if len(self.outputs) != 1:
             return
@@ -897,7 +925,7 @@ class PathGraph:
         while users[i] == 1 and self.nodes[i].kind in (LAYER, ALIAS, RESHAPE):
             node = self.nodes[i]
             if node.kind == LAYER:
-                if node.data.conv or node.data.uses != 1:
+                if node.data.conv or node.data.uses != 1 or node.data.pruned:
                     break
                 layers.append(node.data)
             i = node.inputs[0]
@@ -936,9 +964,9 @@ class PathGraph:
         """The parameters on paths (weights and biases of the layers), in call order."""
         named = {}
         for layer in self.layers.values():
-            named[layer.weight_name] = layer.weight
+            named[layer.weight_name] = layer.weight_param
             if layer.bias_name is not None:
-                named[layer.bias_name] = layer.bias
+                named[layer.bias_name] = layer.bias_param
         return named
 
     def check_mode(self, optimized: Set[int]) -> None:

@@ -127,8 +127,12 @@ def path_magnitudes(model: nn.Module, p: float = 1, input_shape: Optional[Tuple[
     ``p >= 0`` (p = 0: the number of non-zero paths through e).
     """
     kappas = path_scales(model, p, input_shape)
-    named = dict(build_path_graph(model, input_shape).named_parameters())
-    return {name: reference.abs_pow(named[name].detach().to(torch.float64), p) * kappa
+    effective = {}  # the tensors on the paths (weight_orig * mask for pruned layers)
+    for layer in build_path_graph(model, input_shape).layers.values():
+        effective[layer.weight_name] = layer.weight
+        if layer.bias_name is not None:
+            effective[layer.bias_name] = layer.bias
+    return {name: reference.abs_pow(effective[name].detach().to(torch.float64), p) * kappa
             for name, kappa in kappas.items()}
 
 
