@@ -143,12 +143,12 @@ def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tenso
     m = layer.module
     nd = len(m.kernel_size)
     reach = [m.dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
-    if m.padding == "valid":
+    if layer.padding == "valid":
         pads = [(0, 0)] * nd
-    elif m.padding == "same":  # torch pads the extra element of an odd total on the right
+    elif layer.padding == "same":  # torch pads the extra element of an odd total on the right
         pads = [(r // 2, r - r // 2) for r in reach]
     else:
-        pads = [(v, v) for v in m.padding]
+        pads = [(v, v) for v in layer.padding]
     spatial = x.shape[2:]
     out = tuple((spatial[d] + sum(pads[d]) - reach[d] - 1) // m.stride[d] + 1 for d in range(nd))
     pad = [v for d in reversed(range(nd)) for v in pads[d]]

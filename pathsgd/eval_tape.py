@@ -111,7 +111,7 @@ class TapeEvaluator:
                         leaf[layer.bias_name] if layer.bias_name is not None else -1, int(needs[src])]
                 if layer.conv:
                     m = layer.module
-                    program += [VJP_CONV, *head, len(m.kernel_size), *m.stride, *m.padding, *m.dilation, m.groups]
+                    program += [VJP_CONV, *head, len(m.kernel_size), *m.stride, *layer.padding, *m.dilation, m.groups]
                 else:
                     program += [VJP_LINEAR, *head]
             elif kind in (ALIAS, RESHAPE):
@@ -122,8 +122,8 @@ class TapeEvaluator:
             elif kind == SCALE:
                 program += [VJP_SCALE, slot(i), slot(node.inputs[0]), len(self.scale_nodes)]
                 self.scale_nodes.append(node)
-            elif kind == SUMPOOL:
-                nd, (kernel, stride, padding), ceil_mode = node.data
+            elif kind == SUMPOOL and all(d == 1 for d in node.data[3]):  # dilated pools: LOCAL
+                nd, (kernel, stride, padding), ceil_mode, _ = node.data
                 program += [VJP_SUMPOOL, slot(i), slot(node.inputs[0]), nd, *kernel, *stride, *padding,
                             int(ceil_mode)]
             else:

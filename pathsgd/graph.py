@@ -52,6 +52,7 @@ MEAN = "mean"              # a mean over dims: edges 1/n
 BATCHNORM = "batchnorm"    # eval-mode BatchNorm: a constant scale and shift
 LINEAR_MAP = "linear_map"  # cat, sum, slicing, permute, ...: act on gamma maps as on activations
 SHAPE_QUERY = "shape_query"  # x.size(), x.dim(), x.shape: not on any path
+CIRCULAR_PAD = "circular_pad"  # the padding of a circular convolution (lowered from the layer, no fx node)
 
 LAYER_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -109,7 +110,9 @@ class Layer:
         self.conv = isinstance(module, CONV_TYPES)
         if self.conv:
             self.fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-            self.geometry: Tuple = (module.stride, module.padding, module.dilation, module.groups)
+            # a circular convolution's padding is its own IR node before the layer
+            self.padding = (0,) * len(module.kernel_size) if module.padding_mode == "circular" else module.padding
+            self.geometry: Tuple = (module.stride, self.padding, module.dilation, module.groups)
         else:
             self.fn, self.geometry = F.linear, ()
         self.uses = 0  # calls in the traced graph (a module called twice shares its weights)
@@ -204,6 +207,12 @@ class _Lowering:
         target = module if node.op == "call_module" else node.target
         return Call(target, self.ref(node.args), self.ref(dict(node.kwargs)), node.op == "call_method")
 
+    def emit(self, name: str, kind: str, inputs: Tuple[int, ...], data: Any) -> int:
+        """An extra IR node before the one being lowered (e.g. the padding of a circular convolution)."""
+        index = len(self.graph.nodes)
+        self.graph.nodes.append(PathNode(index, name, kind, inputs, inputs, data))
+        return index
+
     def first_input(self, node: torch.fx.Node) -> Tuple[int, ...]:
         return (self.index[node.args[0]],)
 
@@ -223,14 +232,17 @@ def describe_node(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
 
 # Lowering rules: check the node (``ctx.fail`` with the reason) and return (inputs, data).
 def _lower_layer(ctx: _Lowering, node: torch.fx.Node, m: nn.Module) -> Tuple[Tuple[int, ...], Any]:
-    if isinstance(m, CONV_TYPES) and m.padding_mode != "zeros":
-        ctx.fail(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode='{m.padding_mode}'; "
-                 "only zero padding keeps the path graph fixed", node.target)
+    if isinstance(m, CONV_TYPES) and m.padding_mode not in ("zeros", "circular"):
+        ctx.fail(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode='{m.padding_mode}', "
+                 "which is not supported (zero and circular padding are)", node.target)
     layer = ctx.graph.layers.get(node.target)
     if layer is None:
         layer = ctx.graph.layers[node.target] = Layer(node.target, m, ctx.graph.prefix)
     layer.uses += 1
-    return ctx.first_input(node), layer
+    inputs = ctx.first_input(node)
+    if isinstance(m, CONV_TYPES) and m.padding_mode == "circular":  # its own node: a linear map before the layer
+        inputs = (ctx.emit(node.name + "_circular_pad", CIRCULAR_PAD, inputs, tuple(m._reversed_padding_repeated_twice)),)
+    return inputs, layer
 
 
 def _lower_batchnorm(ctx: _Lowering, node: torch.fx.Node, m: nn.Module) -> Tuple[Tuple[int, ...], Any]:
@@ -310,12 +322,12 @@ def _lower_sumpool(ctx: _Lowering, node: torch.fx.Node, m: Optional[nn.Module]) 
         nd = _MAXPOOL_FUNCTIONS[node.target]
         args = _call_args(node, ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"])
     where = describe_node(node, ctx.modules)
-    if pooling.as_tuple(args.get("dilation", 1), nd) != (1,) * nd:
-        ctx.fail(f"pathsgd: {where} has dilation != 1, which is not supported", node.target if m else None)
     if args.get("return_indices", False):
         ctx.fail(f"pathsgd: {where} has return_indices=True, which is not supported", node.target if m else None)
     geometry = pooling.sum_pool_args(nd, args["kernel_size"], args.get("stride"), args.get("padding", 0))
-    return ctx.first_input(node), (nd, geometry, bool(args.get("ceil_mode", False)))
+    dilation = pooling.as_tuple(args.get("dilation", 1), nd)
+    dilation = (1,) + dilation if nd == 1 else dilation  # lifted like the geometry
+    return ctx.first_input(node), (nd, geometry, bool(args.get("ceil_mode", False)), dilation)
 
 
 def _lower_avgpool(ctx: _Lowering, node: torch.fx.Node, m: Optional[nn.Module]) -> Tuple[Tuple[int, ...], Any]:
@@ -374,8 +386,12 @@ def _forward_scale(node: PathNode, env: Any, p: float) -> Tensor:
 
 
 def _forward_sumpool(node: PathNode, env: Any, p: float) -> Tensor:
-    nd, geometry, ceil_mode = node.data
-    return pooling.sum_pool(env[node.inputs[0]], nd, geometry, ceil_mode)
+    nd, geometry, ceil_mode, dilation = node.data
+    return pooling.sum_pool(env[node.inputs[0]], nd, geometry, ceil_mode, dilation)
+
+
+def _forward_circular_pad(node: PathNode, env: Any, p: float) -> Tensor:
+    return F.pad(env[node.inputs[0]], node.data, mode="circular")  # every padded unit copies one input unit
 
 
 def _forward_avgpool(node: PathNode, env: Any, p: float) -> Tensor:
@@ -434,8 +450,8 @@ def _max_scale(node: PathNode, env: Any, p: float) -> Tensor:
 
 
 def _max_sumpool(node: PathNode, env: Any, p: float) -> Tensor:
-    nd, geometry, ceil_mode = node.data
-    return pooling.max_window(env[node.inputs[0]], nd, geometry, ceil_mode)
+    nd, geometry, ceil_mode, dilation = node.data
+    return pooling.max_window(env[node.inputs[0]], nd, geometry, ceil_mode, dilation)
 
 
 def _max_avgpool(node: PathNode, env: Any, p: float) -> Tensor:
@@ -479,8 +495,13 @@ def _vjp_scale(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[
 
 
 def _vjp_sumpool(node: PathNode, gy: Tensor, env: Any, p: float) -> List[Optional[Tensor]]:
-    nd, geometry, ceil_mode = node.data
-    return [sum_pool_vjp(gy, env[node.inputs[0]], nd, geometry, ceil_mode)]
+    nd, geometry, ceil_mode, dilation = node.data
+    x = env[node.inputs[0]]
+    if any(d != 1 for d in dilation):  # a dilated window sum: the transpose of its depthwise convolution
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            return [torch.autograd.grad(pooling.sum_pool(leaf, nd, geometry, ceil_mode, dilation), leaf, gy)[0]]
+    return [sum_pool_vjp(gy, x, nd, geometry, ceil_mode)]
 
 
 _IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -488,7 +509,7 @@ _IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, n
 _ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
 
 OP_TABLE: Tuple[OpRule, ...] = (
-    OpRule(LAYER, "Linear, Conv1d/2d/3d (zero padding)", _lower_layer, None, modules=LAYER_TYPES),
+    OpRule(LAYER, "Linear, Conv1d/2d/3d (zero or circular padding)", _lower_layer, None, modules=LAYER_TYPES),
     # PReLU is positively homogeneous for any slope (max(0, cx) + a min(0, cx) = c PReLU(x), c > 0): an
     # identity unit whose slope is on no path (updated with its plain gradient).
     OpRule(ALIAS, "ReLU, LeakyReLU, PReLU, Identity, Dropout/Dropout1d/2d/3d", _lower_alias, _forward_alias,
@@ -522,6 +543,9 @@ OP_TABLE: Tuple[OpRule, ...] = (
     OpRule(SCALE, "multiplication by a constant", _lower_scale, _forward_scale, _vjp_scale, _max_scale,
            functions=frozenset({operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv,
                                 torch.div})),
+    # Produced by the lowering of Conv(padding_mode='circular'): covers no fx node of its own.
+    OpRule(CIRCULAR_PAD, "circular padding of convolutions", _lower_shape_query, _forward_circular_pad,
+           forward_max=_forward_circular_pad),
     OpRule(BATCHNORM, "BatchNorm in eval mode with frozen parameters", _lower_batchnorm, _forward_batchnorm,
            forward_max=_max_batchnorm, modules=BATCHNORM_TYPES),
 )
@@ -858,7 +882,7 @@ class PathGraph:
         if self.input_shape is not None:
             self._propagate_shapes()
             self._find_dense_segments()
-        self.tape_ok = not any(layer.conv and isinstance(layer.module.padding, str) for layer in self.layers.values())
+        self.tape_ok = not any(layer.conv and isinstance(layer.padding, str) for layer in self.layers.values())
 
     def _infer_input_shape(self) -> Tuple[int, ...]:
         """Follows every use of the input through non-Linear nodes to the first Linear layers."""

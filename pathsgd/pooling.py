@@ -33,19 +33,50 @@ def sum_pool_args(nd: int, kernel: Any, stride: Any, padding: Any) -> PoolArgs:
     return ((1,) + kernel, (1,) + stride, (0,) + padding) if nd == 1 else (kernel, stride, padding)
 
 
-def sum_pool(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool) -> Tensor:
-    """Sum over each pooling window (zero padding), with the arguments of :func:`sum_pool_args`."""
-    if nd == 1:
-        return F.avg_pool2d(x.unsqueeze(-2), *args, ceil_mode, True, divisor_override=1).squeeze(-2)
-    return (F.avg_pool2d if nd == 2 else F.avg_pool3d)(x, *args, ceil_mode, True, divisor_override=1)
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """torch's pooling output length (a ceil_mode window must start inside the input or left padding)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
-def max_window(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool) -> Tensor:
+def sum_pool(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool, dilation: Optional[Tuple[int, ...]] = None
+             ) -> Tensor:
+    """Sum over each pooling window (zero padding), with the arguments of :func:`sum_pool_args`
+    (``dilation`` lifted like them)."""
+    lifted = x.unsqueeze(-2) if nd == 1 else x
+    if dilation is not None and any(d != 1 for d in dilation):
+        return _dilated_sum_pool(lifted, args, ceil_mode, dilation).squeeze(-2) if nd == 1 else \
+            _dilated_sum_pool(lifted, args, ceil_mode, dilation)
+    pool = F.avg_pool2d if lifted.dim() == 4 else F.avg_pool3d
+    y = pool(lifted, *args, ceil_mode, True, divisor_override=1)
+    return y.squeeze(-2) if nd == 1 else y
+
+
+def _dilated_sum_pool(x: Tensor, args: PoolArgs, ceil_mode: bool, dilation: Tuple[int, ...]) -> Tensor:
+    """A dilated window sum: a depthwise convolution with a ones kernel, the input padded with zeros
+    (on the right as far as ceil_mode's last window reaches)."""
+    kernel, stride, padding = args
+    n = len(kernel)
+    spatial = x.shape[2:]
+    out = [pool_output_size(spatial[d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) for d in range(n)]
+    extra = [max(0, (out[d] - 1) * stride[d] + dilation[d] * (kernel[d] - 1) + 1 - spatial[d] - 2 * padding[d])
+             for d in range(n)]
+    xp = F.pad(x, [v for d in reversed(range(n)) for v in (padding[d], padding[d] + extra[d])])
+    ones = torch.ones((x.shape[1], 1, *kernel), dtype=x.dtype, device=x.device)
+    return (F.conv2d if n == 2 else F.conv3d)(xp, ones, None, stride, 0, dilation, x.shape[1])
+
+
+def max_window(x: Tensor, nd: int, args: PoolArgs, ceil_mode: bool, dilation: Optional[Tuple[int, ...]] = None
+               ) -> Tensor:
     """The largest entry of each pooling window (padding counts as -inf): a window sum in the
     max-times semiring (p = inf, log domain)."""
+    dilation = dilation if dilation is not None else 1
     if nd == 1:
-        return F.max_pool2d(x.unsqueeze(-2), *args, 1, ceil_mode).squeeze(-2)
-    return (F.max_pool2d if nd == 2 else F.max_pool3d)(x, *args, 1, ceil_mode)
+        return F.max_pool2d(x.unsqueeze(-2), *args, dilation, ceil_mode).squeeze(-2)
+    return (F.max_pool2d if nd == 2 else F.max_pool3d)(x, *args, dilation, ceil_mode)
 
 
 def avg_inv_divisor(x: Tensor, nd: int, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,

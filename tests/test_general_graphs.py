@@ -102,7 +102,8 @@ class Unrolled:
     # ---- layers (loops over indices, straight from the module hyper-parameters) -----------------------------
     def conv(self, x: np.ndarray, name: str) -> np.ndarray:
         m = self.modules[name]
-        assert m.padding_mode == "zeros"
+        assert m.padding_mode in ("zeros", "circular")
+        circular = m.padding_mode == "circular"  # a padded position reads the input element it wraps to
         nd = x.ndim - 1
         cin, spatial = x.shape[0], x.shape[1:]
         assert cin == m.in_channels
@@ -118,6 +119,8 @@ class Unrolled:
                 for ic in range(cin_g):
                     for kk in itertools.product(*[range(n) for n in k]):
                         ip = tuple(pos[d] * s[d] - pad[d] + kk[d] * dil[d] for d in range(nd))
+                        if circular:
+                            ip = tuple(ip[d] % spatial[d] for d in range(nd))
                         if all(0 <= ip[d] < spatial[d] for d in range(nd)):
                             self.edge(x[(g * cin_g + ic,) + ip], y[(o,) + pos], (f"{name}.weight", (o, ic) + kk))
                 if bsrc is not None:
@@ -144,14 +147,30 @@ class Unrolled:
         return out
 
     def window_pool(self, x: np.ndarray, kind: str, kernel, stride=None, padding=0, ceil_mode=False,
-                    count_include_pad=True, divisor_override=None) -> np.ndarray:
-        """Max pool (sum-pool convention, weight 1) or avg pool (weight 1/divisor, PyTorch's divisor rules)."""
+                    count_include_pad=True, divisor_override=None, dilation=1) -> np.ndarray:
+        """Max pool (sum-pool convention, weight 1; any dilation) or avg pool (weight 1/divisor, PyTorch's
+        divisor rules)."""
         nd = x.ndim - 1
         tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
         k = tup(kernel)
         s = tup(stride if stride not in (None, []) else kernel)
         p = tup(padding)
+        dil = tup(dilation)
         spatial = x.shape[1:]
+        if any(d != 1 for d in dil):
+            assert kind == "max"
+            out = []
+            for d in range(nd):  # torch's pooling output length with dilation
+                n = (spatial[d] + 2 * p[d] - dil[d] * (k[d] - 1) - 1 + (s[d] - 1 if ceil_mode else 0)) // s[d] + 1
+                out.append(n - 1 if ceil_mode and (n - 1) * s[d] >= spatial[d] + p[d] else n)
+            y = self.units((x.shape[0], *out))
+            for c in range(x.shape[0]):
+                for pos in itertools.product(*[range(n) for n in out]):
+                    for kk in itertools.product(*[range(n) for n in k]):
+                        ip = tuple(pos[d] * s[d] - p[d] + kk[d] * dil[d] for d in range(nd))
+                        if all(0 <= ip[d] < spatial[d] for d in range(nd)):
+                            self.edge(x[(c,) + ip], y[(c,) + pos], 1.0)
+            return y
         out = [self._pool_out(spatial[d], k[d], s[d], p[d], ceil_mode) for d in range(nd)]
         y = self.units((x.shape[0], *out))
         for c in range(x.shape[0]):
@@ -305,6 +324,21 @@ class SumPool(nn.Module):
     def forward(self, x):
         m = self.pool
         nd = x.dim() - 2
+        tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+        if any(d != 1 for d in tup(m.dilation)):  # dilated windows, summed element by element
+            k, s, p, dil = tup(m.kernel_size), tup(m.stride), tup(m.padding), tup(m.dilation)
+            spatial = x.shape[2:]
+            out = []
+            for d in range(nd):
+                n = (spatial[d] + 2 * p[d] - dil[d] * (k[d] - 1) - 1 + (s[d] - 1 if m.ceil_mode else 0)) // s[d] + 1
+                out.append(n - 1 if m.ceil_mode and (n - 1) * s[d] >= spatial[d] + p[d] else n)
+            y = x.new_zeros(tuple(x.shape[:2]) + tuple(out))
+            for pos in itertools.product(*[range(n) for n in out]):
+                for kk in itertools.product(*[range(n) for n in k]):
+                    ip = tuple(pos[d] * s[d] - p[d] + kk[d] * dil[d] for d in range(nd))
+                    if all(0 <= ip[d] < spatial[d] for d in range(nd)):
+                        y[(slice(None), slice(None)) + pos] += x[(slice(None), slice(None)) + ip]
+            return y
         if nd == 1:
             one = lambda v: (1, v[0] if isinstance(v, (tuple, list)) else v)  # noqa: E731
             return F.avg_pool2d(x.unsqueeze(-2), one(m.kernel_size), one(m.stride), (0, one(m.padding)[1]),
@@ -581,8 +615,33 @@ class Conv3dNet(OracleNet):
         return g.linear(g.adaptive_avg(x, (2, 1, 1)).reshape(-1), "fc")
 
 
+class CircularDilatedNet(OracleNet):
+    """Circular padding (each wrapped use of a weight is one edge) and MaxPool with dilation, 1-D and 2-D."""
+    input_shape = (1, 4, 5)
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3, padding=(1, 2), padding_mode="circular", dilation=(1, 2))  # -> (2, 4, 5)
+        self.pool = nn.MaxPool2d((2, 2), stride=(2, 2), padding=(1, 1), dilation=(2, 2), ceil_mode=True)
+        self.c2 = nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular")
+        self.pool1 = nn.MaxPool1d(2, stride=1, dilation=2)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.c1(x)))
+        x = x.flatten(2)
+        x = self.pool1(self.act(self.c2(x)))
+        return self.fc(x.mean(-1))
+
+    def unroll(self, g, x):
+        x = g.window_pool(g.conv(x, "c1"), "max", (2, 2), (2, 2), (1, 1), ceil_mode=True, dilation=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = g.window_pool(g.conv(x, "c2"), "max", 2, 1, 0, dilation=2)
+        return g.linear(g.mean(x, (1,)), "fc")
+
+
 ORACLE_NETS = [Conv1dNet, Conv2dNet, AvgPool2dNet, Pool1dNet, ResidualNet, CatNet, SharedNet, BatchNormNet,
-               DenseDAGNet, FunctionalPoolNet, Conv3dNet]
+               DenseDAGNet, FunctionalPoolNet, Conv3dNet, CircularDilatedNet]
 
 
 def make_net(cls, seed: int = 0, scale: float = 1.3) -> OracleNet:

@@ -58,6 +58,9 @@ EXAMPLES: Dict[str, tuple] = {
     graph.SHAPE_QUERY: ({}, lambda n, x: x.view(x.size(0), x.shape[1], -1), 24),
     graph.SCALE: ({}, lambda n, x: (x * -0.5) / 4, 24),
     graph.BATCHNORM: ({"bn": _bn()}, lambda n, x: n.extra["bn"](x), 24),
+    graph.CIRCULAR_PAD: ({"conv": nn.Conv1d(3, 2, 3, padding=2, padding_mode="circular", dilation=2),
+                          "pool": nn.MaxPool1d(2, stride=1, dilation=3)},
+                         lambda n, x: n.extra["pool"](n.extra["conv"](x)), 10),
 }
 
 
