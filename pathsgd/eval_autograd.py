@@ -159,6 +159,37 @@ def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tenso
     return y
 
 
+def _max_conv_transpose(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
+    """A transposed convolution in the max-times semiring: input position i reaches output position
+    ``i * stride + k * dilation - padding`` through kernel offset k (outputs no edge reaches stay -inf)."""
+    m = layer.module
+    nd = len(m.kernel_size)
+    stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
+    cin, spatial = x.shape[1], x.shape[2:]
+    cin_g, cout_g = cin // groups, m.out_channels // groups
+    out = [(spatial[d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (m.kernel_size[d] - 1)
+           + m.output_padding[d] + 1 for d in range(nd)]
+    full_size = [max(padding[d] + out[d], (spatial[d] - 1) * stride[d] + dilation[d] * (m.kernel_size[d] - 1) + 1)
+                 for d in range(nd)]
+    xg = x[0].reshape(groups, cin_g, *spatial)
+    wg = log_w.reshape(groups, cin_g, cout_g, *m.kernel_size)
+    full = torch.full((groups, cout_g, *full_size), float("-inf"), dtype=x.dtype, device=x.device)
+    for offset in itertools.product(*[range(k) for k in m.kernel_size]):
+        w = wg[(slice(None), slice(None), slice(None)) + offset]                  # (G, Cin/G, Cout/G)
+        cand = (w.reshape(*w.shape, *([1] * nd)) + xg.unsqueeze(2)).amax(1)      # (G, Cout/G, *in)
+        window = (slice(None), slice(None)) + tuple(
+            slice(offset[d] * dilation[d], offset[d] * dilation[d] + stride[d] * (spatial[d] - 1) + 1, stride[d])
+            for d in range(nd))
+        updated = full.clone()
+        updated[window] = torch.maximum(full[window], cand)
+        full = updated
+    crop = (slice(None), slice(None)) + tuple(slice(padding[d], padding[d] + out[d]) for d in range(nd))
+    y = full[crop].reshape(1, m.out_channels, *out)
+    if log_b is not None:
+        y = torch.maximum(y, log_b.view(1, -1, *([1] * nd)))
+    return y
+
+
 def log_max_path_product(graph: PathGraph) -> Tensor:
     """``log phi_inf = log max over input/bias -> output paths of prod |w_e|``, in float64, by a
     forward max-propagation (the max-times semiring in log domain, so deep nets neither overflow
@@ -170,6 +201,8 @@ def log_max_path_product(graph: PathGraph) -> Tensor:
         x = x if x.device == device else x.to(device)
         log_w = _log_abs(layer.weight.to(device=device, dtype=torch.float64))
         log_b = _log_abs(layer.bias.to(device=device, dtype=torch.float64)) if layer.bias is not None else None
+        if layer.transposed:
+            return _max_conv_transpose(x, layer, log_w, log_b)
         if layer.conv:
             return _max_conv(x, layer, log_w, log_b)
         return _max_linear(x, log_w, log_b)

@@ -105,7 +105,7 @@ class TapeEvaluator:
         program: List[int] = []
         for node in self.tape:
             kind, i = node.kind, node.index
-            if kind == LAYER and not self._is_dense(node):
+            if kind == LAYER and not self._is_dense(node) and not node.data.transposed:
                 layer, src = node.data, node.inputs[0]
                 head = [slot(i), slot(src), leaf[layer.weight_name],
                         leaf[layer.bias_name] if layer.bias_name is not None else -1, int(needs[src])]
@@ -231,6 +231,18 @@ class TapeEvaluator:
                    dense_out: Dict[str, Tuple[LogScaled, Tensor]]) -> List[Tuple[int, Tensor]]:
         """[(source slot, gradient)] of one node without a compiled rule."""
         env, p = acts.env, acts.p
+        if node.kind == LAYER and node.data.transposed:  # autograd through the layer: input grad and kappas
+            layer, src = node.data, node.inputs[0]
+            names = [n for n in (layer.weight_name, layer.bias_name) if n is not None]
+            leaf_index = {name: i for i, name in enumerate(acts.leaves)}
+            with torch.enable_grad():
+                x = env[src].detach().requires_grad_(self.needs[src])
+                leaves = [acts.leaves[n].detach().requires_grad_(True) for n in names]
+                y = layer.forward(x, leaves[0], leaves[1] if len(leaves) > 1 else None)
+                inputs = leaves + ([x] if self.needs[src] else [])
+                grads = torch.autograd.grad(y, inputs, gy)
+            out = [(-1 - leaf_index[n], g) for n, g in zip(names, grads)]
+            return out + ([(self.slots[src], grads[-1])] if self.needs[src] else [])
         if node.kind == LAYER:  # a dense layer: gamma_out is the gradient reaching its output
             layer, src = node.data, node.inputs[0]
             gamma_out = to_log_scaled(gy.reshape(-1), reference.opmath_dtype(layer.weight.dtype))

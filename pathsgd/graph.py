@@ -54,8 +54,10 @@ LINEAR_MAP = "linear_map"  # cat, sum, slicing, permute, ...: act on gamma maps 
 SHAPE_QUERY = "shape_query"  # x.size(), x.dim(), x.shape: not on any path
 CIRCULAR_PAD = "circular_pad"  # the padding of a circular convolution (lowered from the layer, no fx node)
 
-LAYER_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# A transposed convolution is a linear map with shared weights: kappa sums over all its edges.
+CONV_TRANSPOSE_TYPES: Tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES: Tuple[type, ...] = (nn.Linear,) + CONV_TYPES + CONV_TRANSPOSE_TYPES
 BATCHNORM_TYPES: Tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -107,8 +109,13 @@ class Layer:
         self.weight_name = parameter_name(name, "weight_orig" if self.weight_pruned else "weight", prefix)
         has_bias = self.bias_pruned or module.bias is not None
         self.bias_name = parameter_name(name, "bias_orig" if self.bias_pruned else "bias", prefix) if has_bias else None
-        self.conv = isinstance(module, CONV_TYPES)
-        if self.conv:
+        self.conv = isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES)  # kappa materialized, input maps
+        self.transposed = isinstance(module, CONV_TRANSPOSE_TYPES)
+        if self.transposed:
+            self.fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(module.kernel_size)]
+            self.padding = module.padding
+            self.geometry = (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+        elif self.conv:
             self.fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
             # a circular convolution's padding is its own IR node before the layer
             self.padding = (0,) * len(module.kernel_size) if module.padding_mode == "circular" else module.padding
@@ -232,7 +239,7 @@ def describe_node(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> str:
 
 # Lowering rules: check the node (``ctx.fail`` with the reason) and return (inputs, data).
 def _lower_layer(ctx: _Lowering, node: torch.fx.Node, m: nn.Module) -> Tuple[Tuple[int, ...], Any]:
-    if isinstance(m, CONV_TYPES) and m.padding_mode not in ("zeros", "circular"):
+    if isinstance(m, CONV_TYPES + CONV_TRANSPOSE_TYPES) and m.padding_mode not in ("zeros", "circular"):
         ctx.fail(f"pathsgd: module '{node.target}' ({type(m).__name__}) uses padding_mode='{m.padding_mode}', "
                  "which is not supported (zero and circular padding are)", node.target)
     layer = ctx.graph.layers.get(node.target)
@@ -509,7 +516,8 @@ _IDENTITY_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, n
 _ADD_FUNCTIONS = frozenset({operator.add, operator.iadd, torch.add})
 
 OP_TABLE: Tuple[OpRule, ...] = (
-    OpRule(LAYER, "Linear, Conv1d/2d/3d (zero or circular padding)", _lower_layer, None, modules=LAYER_TYPES),
+    OpRule(LAYER, "Linear, Conv1d/2d/3d (zero or circular padding), ConvTranspose1d/2d/3d", _lower_layer, None,
+           modules=LAYER_TYPES),
     # PReLU is positively homogeneous for any slope (max(0, cx) + a min(0, cx) = c PReLU(x), c > 0): an
     # identity unit whose slope is on no path (updated with its plain gradient).
     OpRule(ALIAS, "ReLU, LeakyReLU, PReLU, Identity, Dropout/Dropout1d/2d/3d", _lower_alias, _forward_alias,

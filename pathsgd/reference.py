@@ -246,7 +246,8 @@ def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor],
         ADD     node n src[n]       (each branch gets the gradient, summed over broadcast dims)
         SCALE   node src factor     (multiplication by a constant: edge |c|^p = factors[factor])
         SUMPOOL node src nd kernel[l] stride[l] padding[l] ceil_mode   (l = 2 for nd = 1)
-        LOCAL   node index          (Python only: ``local_vjp(index, g)`` -> [(src, grad)])
+        LOCAL   node index          (Python only: ``local_vjp(index, g)`` -> [(src, grad)]; a negative src
+                                     -1 - k is the kappa of leaf k, for layers without a compiled rule)
 
     weight/bias are leaf indices (-1: none). A leaf no gradient reaches gets zeros; a leaf
     used by several instructions (a module called twice) sums its gradients.
@@ -319,7 +320,10 @@ def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor],
                 if local_vjp is None:
                     raise ValueError("abs_pow_vjp: the program has a LOCAL instruction but no local_vjp")
                 for src, g in local_vjp(index, gy):
-                    push(src, g)
+                    if src < 0:
+                        add_kappa(-1 - src, g)
+                    else:
+                        push(src, g)
         else:
             raise ValueError(f"abs_pow_vjp: unknown rule {rule} at position {pos - 2}")
     return [k if k is not None else torch.zeros_like(t) for k, t in zip(kappas, leaves)]

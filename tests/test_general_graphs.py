@@ -127,6 +127,30 @@ class Unrolled:
                     self.edge(bsrc, y[(o,) + pos], (f"{name}.bias", (o,)))
         return y
 
+    def conv_transpose(self, x: np.ndarray, name: str) -> np.ndarray:
+        """Input unit (ic, pos) feeds output unit (oc, pos * stride - padding + k * dilation) through w[ic, oc, k]."""
+        m = self.modules[name]
+        nd = x.ndim - 1
+        cin, spatial = x.shape[0], x.shape[1:]
+        k, s, pad, dil, opad = m.kernel_size, m.stride, m.padding, m.dilation, m.output_padding
+        out = [(spatial[d] - 1) * s[d] - 2 * pad[d] + dil[d] * (k[d] - 1) + opad[d] + 1 for d in range(nd)]
+        groups = m.groups
+        cin_g, cout_g = cin // groups, m.out_channels // groups
+        bsrc = self.bias_source() if m.bias is not None else None
+        y = self.units((m.out_channels, *out))
+        for ic in range(cin):
+            g = ic // cin_g
+            for pos in itertools.product(*[range(n) for n in spatial]):
+                for oc in range(cout_g):
+                    for kk in itertools.product(*[range(n) for n in k]):
+                        op = tuple(pos[d] * s[d] - pad[d] + kk[d] * dil[d] for d in range(nd))
+                        if all(0 <= op[d] < out[d] for d in range(nd)):
+                            self.edge(x[(ic,) + pos], y[(g * cout_g + oc,) + op], (f"{name}.weight", (ic, oc) + kk))
+        if bsrc is not None:
+            for idx in np.ndindex(*y.shape):
+                self.edge(bsrc, y[idx], (f"{name}.bias", (idx[0],)))
+        return y
+
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         m = self.modules[name]
         assert x.shape == (m.in_features,)
@@ -640,8 +664,29 @@ class CircularDilatedNet(OracleNet):
         return g.linear(g.mean(x, (1,)), "fc")
 
 
+class ConvTransposeNet(OracleNet):
+    """ConvTranspose1d (stride, padding, output_padding, groups, dilation) and ConvTranspose2d (no bias)."""
+    input_shape = (2, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1)  # -> (4, 8)
+        self.up2 = nn.ConvTranspose2d(1, 2, (2, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2), bias=False)
+        self.fc = nn.Linear(2 * 5 * 17, 2)
+
+    def forward(self, x):
+        x = self.act(self.up1(x))                       # (4, 8)
+        x = self.act(self.up2(x.unsqueeze(1)))          # (1, 4, 8) -> (2, 5, 17)
+        return self.fc(x.flatten(1))
+
+    def unroll(self, g, x):
+        x = g.conv_transpose(x, "up1")
+        x = g.conv_transpose(x.reshape(1, *x.shape), "up2")
+        return g.linear(x.reshape(-1), "fc")
+
+
 ORACLE_NETS = [Conv1dNet, Conv2dNet, AvgPool2dNet, Pool1dNet, ResidualNet, CatNet, SharedNet, BatchNormNet,
-               DenseDAGNet, FunctionalPoolNet, Conv3dNet, CircularDilatedNet]
+               DenseDAGNet, FunctionalPoolNet, Conv3dNet, CircularDilatedNet, ConvTransposeNet]
 
 
 def make_net(cls, seed: int = 0, scale: float = 1.3) -> OracleNet:
