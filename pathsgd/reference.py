@@ -79,9 +79,13 @@ def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] 
         log_add = ninf
     t = torch.maximum(log_y, log_add)
     t = torch.where(torch.isinf(t), torch.zeros_like(t), t)
-    v = y * (log_scale - t).exp().to(y.dtype)
+    # y / y_max * exp(log_y - t): the factor is <= 1, so a tiny (subnormal) y_max cannot overflow it
+    # as exp(log_scale - t) = exp(-log(y_max)) would.
+    safe_max = torch.where(y_max > 0, y_max, torch.ones_like(y_max))
+    v = (y.double() / safe_max * (log_y - t).exp()).to(y.dtype)
     if addend is not None:  # float64: |b|^p may be out of float32 range where b is not
-        v = (v.double() + addend.double() * (-t).exp()).to(y.dtype)
+        safe_add = torch.where(add_max > 0, add_max, torch.ones_like(add_max))
+        v = (v.double() + addend.double() / safe_add * (log_add - t).exp()).to(y.dtype)
     # An all-zero input must stay exactly zero (exp(log_scale - 0) could be inf).
     v = torch.where(log_y.isinf() & log_add.isinf(), torch.zeros_like(v), v)
     return v, t

@@ -238,3 +238,29 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
 def test_dense_chain_step_opcheck(dtype, with_gamma0):
     case = Chain(4, dtype, 2.0, 1, with_gamma0)
     torch.library.opcheck(torch.ops.pathsgd.dense_chain_step_.default, case.args("cpu"))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_chain_step_subnormal_gammas_stay_finite(target, with_bias):
+    """|w|^p of a tiny weight can be subnormal (|1e-212|^1.5 ~ 1e-318): the normalization of the gamma
+    vector must divide by its maximum, not multiply by exp(-log max) = inf (found by the property tests:
+    the next layer's update became NaN)."""
+    _, ns, device, _ = target
+    tiny = torch.tensor([[-9.7e-212, 3e-300]], dtype=F64)
+    weights = [tiny, torch.tensor([[1.0], [0.5]], dtype=F64), torch.tensor([[0.3, -0.2]], dtype=F64)]
+    grads = [torch.full_like(w, 0.7) for w in weights]
+    biases = [torch.tensor([1e-250], dtype=F64)] if with_bias else []
+    args = lambda dev: ([w.clone().to(dev) for w in weights], [g.to(dev) for g in grads], [],  # noqa: E731
+                        [b.clone().to(dev) for b in biases], [torch.full_like(b, 0.1).to(dev) for b in biases], [],
+                        [0] if with_bias else [], None, None, 1.5, 0.5, 0.0, 0.0, 0.0, False, False, False, 1e-12,
+                        None, None, None)
+    got_args, want_args = args(device), args(device)
+    ns.dense_chain_step_.default(*got_args)
+    reference.dense_chain_step_(*want_args)
+    for a, b in zip(_state(got_args), _state(want_args)):
+        assert torch.isfinite(a).all(), a
+        assert_close(a, b, F64, "state vs reference")
+    # the last layer's kappa is |w0 w1|^1.5 ~ 1e-318 (or the bias path): below eps, so its step is lr * g / eps
+    step = (weights[2] - got_args[0][2].cpu()).abs()
+    assert float(step.min()) > 1e8

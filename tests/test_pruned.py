@@ -107,3 +107,21 @@ def test_pathsgd_updates_weight_orig_with_the_kappa_of_the_effective_weight(kind
     live = [(a, b) for a, b in zip(model.parameters(), start.parameters()) if float(b.grad.abs().max()) > 0]
     assert len(live) >= len(list(model.parameters())) - 1  # (a dead ReLU channel can leave one bias without gradient)
     assert all(not torch.equal(a, b) for a, b in live)
+
+
+def test_prune_example_runs_and_reports_both_methods(capsys):
+    """examples/prune_path_magnitude.py as a user runs it (one epoch): accuracies for every sparsity."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "prune_path_magnitude.py")
+    spec = importlib.util.spec_from_file_location("prune_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--epochs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("MNIST-1D MLP") and "test accuracy" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["50%", "80%", "90%", "95%", "98%"]
+    accs = [(float(r[1]), float(r[2])) for r in rows]
+    assert all(0 <= a <= 100 and 0 <= b <= 100 for a, b in accs)
+    assert accs[0][0] > 20  # half the weights pruned by path magnitude: still far above chance (10%)

@@ -33,10 +33,14 @@ double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const doub
     for (int64_t i = 0; i < n; ++i) y[i] = opmath_t(0);
     return 0.0;
   }
-  const double y_factor = std::exp(log_scale - t);
-  const double add_factor = std::exp(-t);
+  // y / y_max * exp(log_y - t): the factor is <= 1, so a tiny (subnormal) y_max cannot overflow it as
+  // exp(log_scale - t) = exp(-log(y_max)) would (then inf * 0 = NaN further down the chain).
+  const double y_factor = y_max > 0 ? std::exp(log_y - t) : 0.0;
+  const double add_factor = add_max > 0 ? std::exp(log_add - t) : 0.0;
+  const double inv_y = y_max > 0 ? y_max : 1.0, inv_add = add_max > 0 ? add_max : 1.0;
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = static_cast<opmath_t>(static_cast<double>(y[i]) * y_factor + (addend ? addend[i] * add_factor : 0.0));
+    y[i] = static_cast<opmath_t>(static_cast<double>(y[i]) / inv_y * y_factor +
+                                 (addend ? addend[i] / inv_add * add_factor : 0.0));
   }
   return t;
 }

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kNormThreads)
                                 DeviceScalar log_scale_in, double* __restrict__ out_log_scale) {
   __shared__ double s_ymax[kNormThreads / kWarp];
   __shared__ double s_amax[kNormThreads / kWarp];
-  __shared__ double s_yf, s_af;
+  __shared__ double s_yf, s_af, s_ydiv, s_adiv;
   __shared__ bool s_zero;
   const int tid = threadIdx.x;
   double ymax = 0.0, amax = 0.0;
@@ -76,18 +76,23 @@ __global__ void __launch_bounds__(kNormThreads)
       s_af = 0.0;
       *out_log_scale = 0.0;
     } else {
+      // y / y_max * exp(log_y - t): the factor is <= 1, so a tiny (subnormal) y_max cannot overflow it
+      // as exp(log_scale - t) = exp(-log(y_max)) would (the CPU kernel's normalize_log_scaled).
       s_zero = false;
-      s_yf = ::exp(log_scale - t);
-      s_af = ::exp(-t);
+      s_yf = ymax > 0 ? ::exp(log_y - t) : 0.0;
+      s_af = amax > 0 ? ::exp(log_add - t) : 0.0;
+      s_ydiv = ymax > 0 ? ymax : 1.0;
+      s_adiv = amax > 0 ? amax : 1.0;
       *out_log_scale = t;
     }
   }
   __syncthreads();
   const bool zero = s_zero;
-  const double yf = s_yf, af = s_af;
+  const double yf = s_yf, af = s_af, ydiv = s_ydiv, adiv = s_adiv;
   for (int64_t i = tid; i < n; i += blockDim.x) {
     y[i] = zero ? opmath_t(0)
-                : static_cast<opmath_t>(static_cast<double>(y[i]) * yf + (addend != nullptr ? addend[i] * af : 0.0));
+                : static_cast<opmath_t>(static_cast<double>(y[i]) / ydiv * yf +
+                                        (addend != nullptr ? addend[i] / adiv * af : 0.0));
   }
 }
 
