@@ -100,14 +100,15 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
         \kappa_e = \sum_{\text{paths } \pi \ni e} \prod_{e' \in \pi, e' \ne e} |w_{e'}|^p
         = \partial \phi_p^p / \partial |w_e|^p
 
-    for any finite ``p >= 0`` (p = 0: the number of paths through e whose other weights are all
-    non-zero). float64 so it does not overflow where the parameters' dtype would.
+    for any ``p`` in [0, inf] (p = 0: the number of paths through e whose other weights are all
+    non-zero; p = inf: the largest product of the other edges' |w| over the paths through e, over all its
+    edges for a shared weight, by a forward and a backward max-propagation in log domain). float64 so it
+    does not overflow where the parameters' dtype would.
     """
     p = check_norm_p(p)
-    if math.isinf(p):
-        raise ValueError("path_scales(p=inf) is not supported: kappa of the largest path product is not computed "
-                         "yet; path_norm(model, p=float('inf')) is")
     graph = _built(model, input_shape)
+    if math.isinf(p):
+        return eval_autograd.max_path_scales(graph)
     if graph.is_dense_chain:
         return eval_dense.chain_kappas(graph.head, p)
     kappas = path_scales_of(graph, p)
@@ -123,8 +124,8 @@ def path_magnitudes(model: nn.Module, p: float = 1, input_shape: Optional[Tuple[
         m_e = |w_e|^p \kappa_e = \sum_{\text{paths } \pi \ni e} \prod_{e' \in \pi} |w_{e'}|^p,
 
     the total product of the paths through e (the score of path-magnitude pruning: removing e removes
-    exactly these paths). Summed over all weights, each path counts once per weight on it. Any finite
-    ``p >= 0`` (p = 0: the number of non-zero paths through e).
+    exactly these paths). Summed over all weights, each path counts once per weight on it. Any ``p`` in
+    [0, inf] (p = 0: the number of non-zero paths through e; p = inf: the largest path product through e).
     """
     kappas = path_scales(model, p, input_shape)
     effective = {}  # the tensors on the paths (weight_orig * mask for pruned layers)
@@ -132,7 +133,8 @@ def path_magnitudes(model: nn.Module, p: float = 1, input_shape: Optional[Tuple[
         effective[layer.weight_name] = layer.weight
         if layer.bias_name is not None:
             effective[layer.bias_name] = layer.bias
-    return {name: reference.abs_pow(effective[name].detach().to(torch.float64), p) * kappa
+    power = 1.0 if math.isinf(p) else p  # p = inf: |w| times the largest product of the others
+    return {name: reference.abs_pow(effective[name].detach().to(torch.float64), power) * kappa
             for name, kappa in kappas.items()}
 
 

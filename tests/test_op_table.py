@@ -107,6 +107,11 @@ def test_table_entry_validates_evaluates_and_steps(kind, p):
     share = float((taped["fc.weight"] * fc.weight.detach().abs() ** p).sum()
                   + (taped["fc.bias"] * fc.bias.detach().abs() ** p).sum())
     assert share == pytest.approx(norm_pow, rel=1e-10)
+    # kappa at p = inf (a forward and a backward max-propagation) is the largest term of kappa at p = 1's sum
+    k_inf, k_1 = pathsgd.path_scales(model, float("inf"), INPUT_SHAPE), pathsgd.path_scales(model, 1, INPUT_SHAPE)
+    for name in k_1:
+        assert bool((k_inf[name] <= k_1[name] * (1 + 1e-12)).all()), name
+        assert bool(((k_inf[name] > 0) == (k_1[name] > 0)).all()), name
     # the max-times rule: phi_inf <= phi_1 <= (number of paths) * phi_inf
     norms = {q: float(v.detach()) for q, v in pathsgd.path_norms(model, (0, 1, float("inf")), INPUT_SHAPE).items()}
     assert 0 < norms[float("inf")] <= norms[1.0] * (1 + 1e-12)

@@ -38,14 +38,18 @@ def mlp_oracle(model: nn.Module, p: float):
         return W[edge[1] - 1][edge[2]][edge[3]] if edge[0] == "w" else B[edge[1] - 1][edge[2]]
 
     paths = enumerate_paths(widths, [b is not None for b in B])
-    if p == INF:
-        return max(math.prod(abs(value(e)) for e in path) for path in paths), None
     total, kappa = 0.0, {}
     for path in paths:
-        a = [_edge_pow(value(e), p) for e in path]
+        a = [abs(value(e)) if p == INF else _edge_pow(value(e), p) for e in path]
+        others = [math.prod(a[:k] + a[k + 1:]) for k in range(len(path))]
+        if p == INF:  # the largest path product, and per edge the largest product of the others
+            total = max(total, math.prod(a))
+            for e, o in zip(path, others):
+                kappa[e] = max(kappa.get(e, 0.0), o)
+            continue
         total += math.prod(a)
-        for k, e in enumerate(path):
-            kappa[e] = kappa.get(e, 0.0) + math.prod(a[:k] + a[k + 1:])
+        for e, o in zip(path, others):
+            kappa[e] = kappa.get(e, 0.0) + o
     out = {}
     for layer, (name, m) in enumerate(layers, start=1):
         prefix = f"{name}." if name else ""
@@ -54,7 +58,7 @@ def mlp_oracle(model: nn.Module, p: float):
         if m.bias is not None:
             out[prefix + "bias"] = torch.tensor([kappa.get(("b", layer, i), 0.0) for i in range(m.out_features)],
                                                 dtype=torch.float64)
-    return (total if p == 0 else total ** (1.0 / p)), out
+    return (total if p in (0, INF) else total ** (1.0 / p)), out
 
 
 def _with_zeros(model: nn.Module) -> nn.Module:
@@ -76,11 +80,10 @@ def test_mlp_every_exponent_matches_enumeration(p, bias):
     assert got.dtype == torch.float64 and got.dim() == 0
     assert float(got.detach()) == pytest.approx(want, rel=1e-12), (float(got.detach()), want)
     assert float(pathsgd.path_norm(model, p, log=True).detach()) == pytest.approx(math.log(want), rel=1e-12, abs=1e-12)
-    if p != INF:
-        scales = pathsgd.path_scales(model, p)
-        assert list(scales) == [n for n, _ in model.named_parameters()]
-        for name, k in kappa.items():
-            torch.testing.assert_close(scales[name], k, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
+    scales = pathsgd.path_scales(model, p)
+    assert list(scales) == [n for n, _ in model.named_parameters()]
+    for name, k in kappa.items():
+        torch.testing.assert_close(scales[name], k, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_p0_counts_paths_exactly():
@@ -124,6 +127,41 @@ def test_conv_nets_every_exponent_matches_unrolled_graph(cls, p):
         _, kappa = unrolled_of(model).scales(p)
         for name in path_params(model):
             torch.testing.assert_close(scales[name], kappa[name], rtol=1e-10, atol=1e-300, msg=lambda m: f"{name}: {m}")
+    if p == INF:
+        scales = pathsgd.path_scales(model, p, cls.input_shape)
+        want_scales = unrolled_max_scales(model)
+        for name in path_params(model):
+            torch.testing.assert_close(scales[name], want_scales[name], rtol=1e-10, atol=1e-300,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def unrolled_max_scales(model: nn.Module):
+    """kappa at p = inf from the unrolled graph: per weight, the largest product of the other edges of a
+    path through any of its edges."""
+    g = unrolled_of(model)
+    paths = g.paths()
+    a = np.append(np.abs(g._edge_values()), 1.0)
+    A = a[paths]
+    ones = np.ones((A.shape[0], 1))
+    prefix = np.cumprod(np.concatenate([ones, A[:, :-1]], axis=1), axis=1)
+    suffix = np.cumprod(np.concatenate([ones, A[:, :0:-1]], axis=1), axis=1)[:, ::-1]
+    others = prefix * suffix
+    offsets, total = {}, 0
+    for name, t in g.params.items():
+        offsets[name] = total
+        total += t.numel()
+    slots = []
+    for k in g.key:
+        if isinstance(k, tuple):
+            slots.append(offsets[k[0]] + int(np.ravel_multi_index(k[1], tuple(g.params[k[0]].shape))))
+        else:
+            slots.append(-1)
+    S = np.array(slots + [-1], dtype=np.int64)[paths]
+    flat = np.zeros(total)
+    mask = S >= 0
+    np.maximum.at(flat, S[mask], others[mask])
+    return {name: torch.from_numpy(flat[offsets[name]:offsets[name] + t.numel()].reshape(tuple(t.shape)).copy())
+            for name, t in g.params.items()}
 
 
 def _max_plus_log(weights, biases) -> float:
@@ -205,13 +243,13 @@ def magnitude_oracle(model: nn.Module, p: float):
     value = lambda e: W[e[1] - 1][e[2]][e[3]] if e[0] == "w" else B[e[1] - 1][e[2]]  # noqa: E731
     share = {}
     for path in enumerate_paths(widths, [b is not None for b in B]):
-        prod = math.prod(_edge_pow(value(e), p) for e in path)
-        for e in path:
-            share[e] = share.get(e, 0.0) + prod
+        prod = math.prod(abs(value(e)) if p == INF else _edge_pow(value(e), p) for e in path)
+        for e in path:  # p = inf: the largest path product through the weight
+            share[e] = max(share.get(e, 0.0), prod) if p == INF else share.get(e, 0.0) + prod
     return share
 
 
-@pytest.mark.parametrize("p", (0, 1, 2))
+@pytest.mark.parametrize("p", (0, 1, 2, INF))
 def test_path_magnitudes_match_enumeration(p):
     model = _with_zeros(make_mlp((3, 4, 2), seed=6, scale=1.4))
     got = pathsgd.path_magnitudes(model, p)
