@@ -665,18 +665,22 @@ class CircularDilatedNet(OracleNet):
 
 
 class ConvTransposeNet(OracleNet):
-    """ConvTranspose1d (stride, padding, output_padding, groups, dilation) and ConvTranspose2d (no bias)."""
+    """ConvTranspose1d (stride, padding, output_padding, groups, dilation) and ConvTranspose2d (no bias),
+    with Unflatten and Dropout1d/2d between them (identity units at p=0)."""
     input_shape = (2, 4)
 
     def __init__(self):
         super().__init__()
         self.up1 = nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1)  # -> (4, 8)
+        self.drop1 = nn.Dropout1d(0.0)
+        self.unflat = nn.Unflatten(1, (1, 4))
         self.up2 = nn.ConvTranspose2d(1, 2, (2, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2), bias=False)
+        self.drop2 = nn.Dropout2d(0.0)
         self.fc = nn.Linear(2 * 5 * 17, 2)
 
     def forward(self, x):
-        x = self.act(self.up1(x))                       # (4, 8)
-        x = self.act(self.up2(x.unsqueeze(1)))          # (1, 4, 8) -> (2, 5, 17)
+        x = self.drop1(self.act(self.up1(x)))                   # (4, 8)
+        x = self.drop2(self.act(self.up2(self.unflat(x))))      # (1, 4, 8) -> (2, 5, 17)
         return self.fc(x.flatten(1))
 
     def unroll(self, g, x):
