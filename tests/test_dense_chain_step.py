@@ -264,3 +264,35 @@ def test_dense_chain_step_subnormal_gammas_stay_finite(target, with_bias):
     # the last layer's kappa is |w0 w1|^1.5 ~ 1e-318 (or the bias path): below eps, so its step is lr * g / eps
     step = (weights[2] - got_args[0][2].cpu()).abs()
     assert float(step.min()) > 1e8
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0][0] != "cpu"])
+def test_cpu_and_cuda_kernels_share_their_argument_checks(target):
+    """csrc/checks.h: the same bad argument gives the same message from the CPU and the CUDA kernels."""
+    _, ns, device, _ = target
+    cpu = torch.ops.pathsgd
+    w, g = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    gin, gout, s = torch.ones(4, dtype=F64), torch.ones(3, dtype=F64), torch.zeros((), dtype=F64)
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, False, 1e-12, None, None, None)
+    cases = [
+        ("gamma_forward", lambda dev: (w.to(dev), None, torch.ones(5, dtype=F64, device=dev), s.to(dev), 2.0)),
+        ("gamma_forward", lambda dev: (w.to(dev), torch.ones(2, dtype=F64, device=dev), gin.to(dev), s.to(dev), 2.0)),
+        ("gamma_forward", lambda dev: (w.to(dev), None, gin.to(dev), s.to(dev), 0.5)),
+        ("fused_dense_step_", lambda dev: (w.to(dev), g[:, :3].to(dev), None, gin.to(dev), s.to(dev), gout.to(dev),
+                                           s.to(dev), 2.0, *hyper)),
+        ("fused_dense_step_", lambda dev: (w.to(dev), g.to(dev), None, gin.to(dev), s.to(dev), gout.to(dev),
+                                           s.to(dev), 2.0, *hyper)),
+        ("fused_dense_step_", lambda dev: (w.to(dev), g.to(dev), g.t().contiguous().t().to(dev), gin.to(dev),
+                                           torch.zeros(1, dtype=F64, device=dev), gout.to(dev), s.to(dev), 2.0,
+                                           *hyper)),
+        ("scaled_sgd_update_", lambda dev: ([w.to(dev)], [g.to(dev)], [], [torch.ones(3, 4, device=dev)], 2.0,
+                                            *hyper)),
+    ]
+    for name, make in cases:
+        messages = []
+        for namespace, dev in ((cpu, "cpu"), (ns, device)):
+            with pytest.raises(RuntimeError) as info:
+                getattr(namespace, name).default(*make(dev))
+            messages.append(str(info.value).split("\n")[0])
+        assert messages[0] == messages[1], (name, messages)
+        assert "pathsgd" in messages[0]

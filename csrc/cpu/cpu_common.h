@@ -11,6 +11,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "../checks.h"
 #include "../path_sgd_math.h"
 
 namespace pathsgd {
@@ -65,19 +66,6 @@ void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
                            std::optional<double> clamp_min, std::optional<double> clamp_max,
                            const std::optional<at::Tensor>& lr_tensor);
-
-inline void check_log_scale(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kDouble,
-              "pathsgd: ", name, " must be a 0-dim float64 tensor, got shape ", t.sizes(), " and dtype ",
-              t.scalar_type());
-}
-
-inline void check_gamma(const at::Tensor& gamma, int64_t size, at::ScalarType opmath, const char* name) {
-  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == size, "pathsgd: ", name, " must have shape [", size,
-              "], got ", gamma.sizes());
-  TORCH_CHECK(gamma.scalar_type() == opmath, "pathsgd: ", name, " must have dtype ", opmath, ", got ",
-              gamma.scalar_type());
-}
 
 // Runs fn on a contiguous version of `t` and writes the result back when `t`
 // itself is not contiguous (a rare case: costs one temporary of t's size).

@@ -95,17 +95,7 @@ void gamma_forward_kernel(const at::Tensor& weight, const at::Tensor* bias, cons
 std::tuple<at::Tensor, at::Tensor> gamma_forward_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                      const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale,
                                                      double p) {
-  TORCH_CHECK(weight.dim() == 2, "pathsgd.gamma_forward: weight must be 2-D, got shape ", weight.sizes());
-  TORCH_CHECK(p >= 1.0, "pathsgd.gamma_forward: p must be >= 1, got ", p);
-  const auto opmath = at::toOpMathType(weight.scalar_type());
-  check_gamma(gamma_in, weight.size(1), opmath, "gamma_in");
-  check_log_scale(gamma_in_log_scale, "gamma_in_log_scale");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "pathsgd.gamma_forward: bias must have shape [",
-                weight.size(0), "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "pathsgd.gamma_forward: bias dtype ",
-                bias->scalar_type(), " differs from weight dtype ", weight.scalar_type());
-  }
+  checks::gamma_forward_args(weight, bias, gamma_in, gamma_in_log_scale, p);
   const at::Tensor w = weight.contiguous();
   const at::Tensor x = gamma_in.contiguous();
   at::Tensor out = at::empty({weight.size(0)}, gamma_in.options());
@@ -304,28 +294,11 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
     const at::Tensor& gamma_out_log_scale, double p, double lr, double momentum, double dampening,
     double weight_decay, bool nesterov, bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
     std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
-  TORCH_CHECK(weight.dim() == 2, "pathsgd.fused_dense_step_: weight must be 2-D, got shape ", weight.sizes());
-  TORCH_CHECK(p >= 1.0, "pathsgd.fused_dense_step_: p must be >= 1, got ", p);
+  checks::fused_dense_step_args(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
+                                gamma_out_log_scale, p, momentum);
   const int64_t rows = weight.size(0), cols = weight.size(1);
-  const auto opmath = at::toOpMathType(weight.scalar_type());
-  check_gamma(gamma_in, cols, opmath, "gamma_in");
-  check_gamma(gamma_out, rows, opmath, "gamma_out");
-  check_log_scale(gamma_in_log_scale, "gamma_in_log_scale");
-  check_log_scale(gamma_out_log_scale, "gamma_out_log_scale");
   const bool update = grad.has_value();
   const bool use_buffer = update && momentum != 0.0;
-  if (update) {
-    TORCH_CHECK(grad->sizes() == weight.sizes() && grad->scalar_type() == weight.scalar_type(),
-                "pathsgd.fused_dense_step_: grad (shape ", grad->sizes(), ", dtype ", grad->scalar_type(),
-                ") must match weight (shape ", weight.sizes(), ", dtype ", weight.scalar_type(), ")");
-    TORCH_CHECK(!grad->is_sparse(), "pathsgd.fused_dense_step_: sparse gradients are not supported");
-  }
-  if (use_buffer) {
-    TORCH_CHECK(momentum_buffer.has_value(), "pathsgd.fused_dense_step_: momentum != 0 needs a momentum_buffer");
-    TORCH_CHECK(momentum_buffer->sizes() == weight.sizes() && momentum_buffer->scalar_type() == weight.scalar_type() &&
-                    momentum_buffer->is_contiguous(),
-                "pathsgd.fused_dense_step_: momentum_buffer must be a contiguous tensor shaped and typed like weight");
-  }
   const at::Tensor gin = gamma_in.contiguous();
   const at::Tensor gout = gamma_out.contiguous();
   at::Tensor y = at::empty({cols}, gamma_in.options());

@@ -70,30 +70,8 @@ void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
                            std::optional<double> clamp_min, std::optional<double> clamp_max,
                            const std::optional<at::Tensor>& lr_tensor) {
+  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, momentum);
   const bool use_buffer = momentum != 0.0;
-  TORCH_CHECK(p >= 1.0, "pathsgd.scaled_sgd_update_: p must be >= 1, got ", p);
-  TORCH_CHECK(grads.size() == params.size() && kappas.size() == params.size(),
-              "pathsgd.scaled_sgd_update_: params, grads and kappas must have the same length, got ", params.size(),
-              ", ", grads.size(), ", ", kappas.size());
-  TORCH_CHECK(!use_buffer || momentum_buffers.size() == params.size(),
-              "pathsgd.scaled_sgd_update_: momentum != 0 needs one momentum buffer per param, got ",
-              momentum_buffers.size(), " for ", params.size(), " params");
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "pathsgd.scaled_sgd_update_: grad ", i, " (shape ", grads[i].sizes(), ", dtype ",
-                grads[i].scalar_type(), ") must match its param (shape ", params[i].sizes(), ", dtype ",
-                params[i].scalar_type(), ")");
-    TORCH_CHECK(kappas[i].sizes() == params[i].sizes() && kappas[i].scalar_type() == at::kDouble,
-                "pathsgd.scaled_sgd_update_: kappa ", i, " must be float64 shaped like its param ",
-                params[i].sizes(), ", got ", kappas[i].scalar_type(), " ", kappas[i].sizes());
-    if (use_buffer) {
-      TORCH_CHECK(momentum_buffers[i].sizes() == params[i].sizes() &&
-                      momentum_buffers[i].scalar_type() == params[i].scalar_type() &&
-                      momentum_buffers[i].is_contiguous(),
-                  "pathsgd.scaled_sgd_update_: momentum buffer ", i,
-                  " must be a contiguous tensor shaped and typed like its param");
-    }
-  }
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[i].scalar_type(), "scaled_sgd_update_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;

@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "../checks.h"
 #include "../path_sgd_math.h"
 
 namespace pathsgd {
@@ -44,8 +45,7 @@ inline void check_cuda_tensor(const at::Tensor& t, const at::Device& device, con
 }
 
 inline void check_log_scale(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kDouble, "pathsgd: ", name,
-              " must be a 0-dim float64 tensor, got shape ", t.sizes(), " and dtype ", t.scalar_type());
+  checks::log_scale(t, name);
   TORCH_CHECK(t.is_cpu() || t.device() == device, "pathsgd.", op, ": ", name, " must be on ", device,
               " (or a CPU scalar), got a tensor on ", t.device());
 }
@@ -60,13 +60,6 @@ inline DeviceScalar log_scale_arg(const at::Tensor& t) {
     s.value = t.item<double>();
   }
   return s;
-}
-
-inline void check_gamma(const at::Tensor& gamma, int64_t size, at::ScalarType opmath, const char* name) {
-  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == size, "pathsgd: ", name, " must have shape [", size, "], got ",
-              gamma.sizes());
-  TORCH_CHECK(gamma.scalar_type() == opmath, "pathsgd: ", name, " must have dtype ", opmath, ", got ",
-              gamma.scalar_type());
 }
 
 // lr as a float64 scalar: a CUDA lr_tensor is converted on the stream (no

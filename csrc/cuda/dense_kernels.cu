@@ -179,21 +179,12 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, 
                                                       const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale,
                                                       double p) {
   constexpr const char* op = "gamma_forward";
-  TORCH_CHECK(weight.dim() == 2, "pathsgd.gamma_forward: weight must be 2-D, got shape ", weight.sizes());
-  TORCH_CHECK(p >= 1.0, "pathsgd.gamma_forward: p must be >= 1, got ", p);
+  checks::gamma_forward_args(weight, bias, gamma_in, gamma_in_log_scale, p);
   TORCH_CHECK(weight.is_cuda(), "pathsgd.gamma_forward: weight must be a CUDA tensor, got ", weight.device());
   const at::Device device = weight.device();
-  const auto opmath = at::toOpMathType(weight.scalar_type());
-  check_gamma(gamma_in, weight.size(1), opmath, "gamma_in");
   check_cuda_tensor(gamma_in, device, op, "gamma_in");
   check_log_scale(gamma_in_log_scale, device, op, "gamma_in_log_scale");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "pathsgd.gamma_forward: bias must have shape [",
-                weight.size(0), "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "pathsgd.gamma_forward: bias dtype ",
-                bias->scalar_type(), " differs from weight dtype ", weight.scalar_type());
-    check_cuda_tensor(*bias, device, op, "bias");
-  }
+  if (bias.has_value()) check_cuda_tensor(*bias, device, op, "bias");
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t rows = weight.size(0), cols = weight.size(1);
@@ -427,34 +418,20 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
     double weight_decay, bool nesterov, bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
     std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* op = "fused_dense_step_";
-  TORCH_CHECK(weight.dim() == 2, "pathsgd.fused_dense_step_: weight must be 2-D, got shape ", weight.sizes());
-  TORCH_CHECK(p >= 1.0, "pathsgd.fused_dense_step_: p must be >= 1, got ", p);
+  checks::fused_dense_step_args(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
+                                gamma_out_log_scale, p, momentum);
   TORCH_CHECK(weight.is_cuda(), "pathsgd.fused_dense_step_: weight must be a CUDA tensor, got ", weight.device());
   const at::Device device = weight.device();
   const int64_t rows = weight.size(0), cols = weight.size(1);
   const auto opmath = at::toOpMathType(weight.scalar_type());
-  check_gamma(gamma_in, cols, opmath, "gamma_in");
-  check_gamma(gamma_out, rows, opmath, "gamma_out");
   check_cuda_tensor(gamma_in, device, op, "gamma_in");
   check_cuda_tensor(gamma_out, device, op, "gamma_out");
   check_log_scale(gamma_in_log_scale, device, op, "gamma_in_log_scale");
   check_log_scale(gamma_out_log_scale, device, op, "gamma_out_log_scale");
   const bool update = grad.has_value();
   const bool use_buffer = update && momentum != 0.0;
-  if (update) {
-    TORCH_CHECK(grad->sizes() == weight.sizes() && grad->scalar_type() == weight.scalar_type(),
-                "pathsgd.fused_dense_step_: grad (shape ", grad->sizes(), ", dtype ", grad->scalar_type(),
-                ") must match weight (shape ", weight.sizes(), ", dtype ", weight.scalar_type(), ")");
-    TORCH_CHECK(!grad->is_sparse(), "pathsgd.fused_dense_step_: sparse gradients are not supported");
-    check_cuda_tensor(*grad, device, op, "grad");
-  }
-  if (use_buffer) {
-    TORCH_CHECK(momentum_buffer.has_value(), "pathsgd.fused_dense_step_: momentum != 0 needs a momentum_buffer");
-    TORCH_CHECK(momentum_buffer->sizes() == weight.sizes() && momentum_buffer->scalar_type() == weight.scalar_type() &&
-                    momentum_buffer->is_contiguous(),
-                "pathsgd.fused_dense_step_: momentum_buffer must be a contiguous tensor shaped and typed like weight");
-    check_cuda_tensor(*momentum_buffer, device, op, "momentum_buffer");
-  }
+  if (update) check_cuda_tensor(*grad, device, op, "grad");
+  if (use_buffer) check_cuda_tensor(*momentum_buffer, device, op, "momentum_buffer");
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   at::Tensor lr_holder;

@@ -171,27 +171,12 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* op = "scaled_sgd_update_";
   const bool use_buffer = momentum != 0.0;
-  TORCH_CHECK(p >= 1.0, "pathsgd.scaled_sgd_update_: p must be >= 1, got ", p);
-  TORCH_CHECK(grads.size() == params.size() && kappas.size() == params.size(),
-              "pathsgd.scaled_sgd_update_: params, grads and kappas must have the same length, got ", params.size(),
-              ", ", grads.size(), ", ", kappas.size());
-  TORCH_CHECK(!use_buffer || momentum_buffers.size() == params.size(),
-              "pathsgd.scaled_sgd_update_: momentum != 0 needs one momentum buffer per param, got ",
-              momentum_buffers.size(), " for ", params.size(), " params");
+  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, momentum);
   if (params.empty()) return;
   TORCH_CHECK(params[0].is_cuda(), "pathsgd.scaled_sgd_update_: params must be CUDA tensors, got ",
               params[0].device());
   const at::Device device = params[0].device();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(grads[i].sizes() == params[i].sizes() && grads[i].scalar_type() == params[i].scalar_type(),
-                "pathsgd.scaled_sgd_update_: grad ", i, " (shape ", grads[i].sizes(), ", dtype ",
-                grads[i].scalar_type(), ") must match its param (shape ", params[i].sizes(), ", dtype ",
-                params[i].scalar_type(), ")");
-    TORCH_CHECK(!grads[i].is_sparse(), "pathsgd.scaled_sgd_update_: sparse gradients are not supported (grad ", i,
-                ")");
-    TORCH_CHECK(kappas[i].sizes() == params[i].sizes() && kappas[i].scalar_type() == at::kDouble,
-                "pathsgd.scaled_sgd_update_: kappa ", i, " must be float64 shaped like its param ",
-                params[i].sizes(), ", got ", kappas[i].scalar_type(), " ", kappas[i].sizes());
+  for (size_t i = 0; i < params.size(); ++i) {  // the device checks (the rest: checks::scaled_sgd_update_args)
     TORCH_CHECK(params[i].device() == device, "pathsgd.scaled_sgd_update_: param ", i, " is on ",
                 params[i].device(), ", expected ", device, " like param 0");
     TORCH_CHECK(grads[i].device() == device, "pathsgd.scaled_sgd_update_: grad ", i, " is on ", grads[i].device(),
@@ -199,11 +184,6 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
     TORCH_CHECK(kappas[i].device() == device, "pathsgd.scaled_sgd_update_: kappa ", i, " is on ",
                 kappas[i].device(), ", expected ", device);
     if (use_buffer) {
-      TORCH_CHECK(momentum_buffers[i].sizes() == params[i].sizes() &&
-                      momentum_buffers[i].scalar_type() == params[i].scalar_type() &&
-                      momentum_buffers[i].is_contiguous(),
-                  "pathsgd.scaled_sgd_update_: momentum buffer ", i,
-                  " must be a contiguous tensor shaped and typed like its param");
       TORCH_CHECK(momentum_buffers[i].device() == device, "pathsgd.scaled_sgd_update_: momentum buffer ", i,
                   " is on ", momentum_buffers[i].device(), ", expected ", device);
     }
