@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .eval_tape import Activations, Kappas, layer_leaves
-from .graph import RULES, PathGraph, PathNode, forward_values
+from .graph import RULES, PathGraph, PathNode, forward_values, log_abs_constant
 from .reference import abs_pow, abs_pow_list
 
 
@@ -139,21 +139,27 @@ def _window(offset, stride, dilation, out) -> tuple:
                  for d in range(len(out)))
 
 
+def _pad_conv_input(x: Tensor, layer) -> tuple:
+    """``(x padded with -inf (log 0: no edge), (left, right) padding per dim)`` of a convolution."""
+    m = layer.module
+    nd = len(m.kernel_size)
+    if layer.padding == "valid":
+        pads = [(0, 0)] * nd
+    elif layer.padding == "same":  # torch pads the extra element of an odd total on the right
+        reach = [m.dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
+        pads = [(r // 2, r - r // 2) for r in reach]
+    else:
+        pads = [(v, v) for v in layer.padding]
+    flat = [v for d in reversed(range(nd)) for v in pads[d]]
+    return (torch.nn.functional.pad(x, flat, value=float("-inf")) if any(flat) else x), pads
+
+
 def _max_conv(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]) -> Tensor:
     """A convolution in the max-times semiring, padding as -inf (log 0: no edge)."""
     m = layer.module
     nd = len(m.kernel_size)
-    reach = [m.dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
-    if layer.padding == "valid":
-        pads = [(0, 0)] * nd
-    elif layer.padding == "same":  # torch pads the extra element of an odd total on the right
-        pads = [(r // 2, r - r // 2) for r in reach]
-    else:
-        pads = [(v, v) for v in layer.padding]
-    spatial = x.shape[2:]
-    out = tuple((spatial[d] + sum(pads[d]) - reach[d] - 1) // m.stride[d] + 1 for d in range(nd))
-    pad = [v for d in reversed(range(nd)) for v in pads[d]]
-    xp = torch.nn.functional.pad(x, pad, value=float("-inf")) if any(pad) else x
+    xp, _ = _pad_conv_input(x, layer)
+    out = tuple((xp.shape[2 + d] - m.dilation[d] * (m.kernel_size[d] - 1) - 1) // m.stride[d] + 1 for d in range(nd))
     y = _MaxPlusConv.apply(xp, log_w, tuple(m.stride), tuple(m.dilation), m.groups, out)
     if log_b is not None:
         y = torch.maximum(y, log_b.view(1, -1, *([1] * nd)))
@@ -178,12 +184,7 @@ def _max_conv_transpose(x: Tensor, layer, log_w: Tensor, log_b: Optional[Tensor]
     for offset in itertools.product(*[range(k) for k in m.kernel_size]):
         w = wg[(slice(None), slice(None), slice(None)) + offset]                  # (G, Cin/G, Cout/G)
         cand = (w.reshape(*w.shape, *([1] * nd)) + xg.unsqueeze(2)).amax(1)      # (G, Cout/G, *in)
-        window = (slice(None), slice(None)) + tuple(
-            slice(offset[d] * dilation[d], offset[d] * dilation[d] + stride[d] * (spatial[d] - 1) + 1, stride[d])
-            for d in range(nd))
-        updated = full.clone()
-        updated[window] = torch.maximum(full[window], cand)
-        full = updated
+        full = _scatter_max(full, (slice(None), slice(None)) + _window(offset, stride, dilation, spatial), cand)
     crop = (slice(None), slice(None)) + tuple(slice(padding[d], padding[d] + out[d]) for d in range(nd))
     y = full[crop].reshape(1, m.out_channels, *out)
     if log_b is not None:
@@ -230,11 +231,6 @@ def _scatter_max(target: Tensor, window: tuple, values: Tensor) -> Tensor:
     return out
 
 
-def _windows(offset, stride, dilation, start, count) -> tuple:
-    return tuple(slice(start[d] + offset[d] * dilation[d], start[d] + offset[d] * dilation[d] + stride[d] * (count[d] - 1)
-                       + 1, stride[d]) for d in range(len(count)))
-
-
 def _unpool_max(b: Tensor, in_shape, kernel, stride, padding, dilation) -> Tensor:
     """Every input position gets the max of ``b`` over the windows that contain it (padding dropped)."""
     nd = len(kernel)
@@ -245,7 +241,7 @@ def _unpool_max(b: Tensor, in_shape, kernel, stride, padding, dilation) -> Tenso
     full = torch.full(tuple(b.shape[:-nd]) + tuple(size), float("-inf"), dtype=b.dtype, device=b.device)
     lead = (slice(None),) * (b.dim() - nd)
     for offset in itertools.product(*[range(k) for k in kernel]):
-        full = _scatter_max(full, lead + _windows(offset, stride, dilation, [0] * nd, out), b)
+        full = _scatter_max(full, lead + _window(offset, stride, dilation, out), b)
     return full[lead + tuple(slice(padding[d], padding[d] + spatial[d]) for d in range(nd))]
 
 
@@ -358,7 +354,7 @@ def max_path_scales(graph: PathGraph) -> Dict[str, Tensor]:
                     gin = torch.full((groups, cin_g, *spatial), float("-inf"), dtype=b.dtype, device=b.device)
                     kw = torch.empty_like(wg)
                     for offset in itertools.product(*[range(k) for k in m.kernel_size]):
-                        window = (slice(None), slice(None)) + _windows(offset, m.stride, m.dilation, [0] * nd, spatial)
+                        window = (slice(None), slice(None)) + _window(offset, m.stride, m.dilation, spatial)
                         bs = bg[window]                                                     # (G, Cout/G, *in)
                         w = wg[(slice(None), slice(None), slice(None)) + offset]            # (G, Cin/G, Cout/G)
                         gin = torch.maximum(gin, (w.reshape(*w.shape, *([1] * nd)) + bs.unsqueeze(1)).amax(2))
@@ -367,15 +363,7 @@ def max_path_scales(graph: PathGraph) -> Dict[str, Tensor]:
                     keep(layer.weight_name, kw.reshape(lw.shape))
                     send(node.inputs[0], gin.reshape(x.shape))
                     continue
-                reach = [m.dilation[d] * (m.kernel_size[d] - 1) for d in range(nd)]
-                if layer.padding == "valid":
-                    pads = [(0, 0)] * nd
-                elif layer.padding == "same":
-                    pads = [(r // 2, r - r // 2) for r in reach]
-                else:
-                    pads = [(v, v) for v in layer.padding]
-                flat = [v for d in reversed(range(nd)) for v in pads[d]]
-                xp = torch.nn.functional.pad(x, flat, value=float("-inf")) if any(flat) else x
+                xp, pads = _pad_conv_input(x, layer)
                 out = b.shape[2:]
                 cin_g, cout_g = m.in_channels // groups, m.out_channels // groups
                 xg = xp[0].reshape(groups, cin_g, *xp.shape[2:])
@@ -384,7 +372,7 @@ def max_path_scales(graph: PathGraph) -> Dict[str, Tensor]:
                 gin = torch.full(xg.shape, float("-inf"), dtype=b.dtype, device=b.device)
                 kw = torch.empty_like(wg)
                 for offset in itertools.product(*[range(k) for k in m.kernel_size]):
-                    window = (slice(None), slice(None)) + _windows(offset, m.stride, m.dilation, [0] * nd, out)
+                    window = (slice(None), slice(None)) + _window(offset, m.stride, m.dilation, out)
                     xs = xg[window]                                                       # (G, Cin/G, *out)
                     w = wg[(slice(None), slice(None), slice(None)) + offset]              # (G, Cout/G, Cin/G)
                     kw[(slice(None), slice(None), slice(None)) + offset] = (
@@ -401,7 +389,7 @@ def max_path_scales(graph: PathGraph) -> Dict[str, Tensor]:
                 for i in node.inputs:
                     send(i, _max_to_size(b, env[i].shape).expand(env[i].shape))
             elif kind == SCALE:
-                send(node.inputs[0], b + (math.log(abs(node.data)) if node.data != 0 else float("-inf")))
+                send(node.inputs[0], b + log_abs_constant(node.data))
             elif kind in (SUMPOOL, AVGPOOL):
                 if kind == SUMPOOL:
                     nd, (kernel, stride, padding), _, dilation = node.data

@@ -148,12 +148,12 @@ def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batc
             update = weight_update if weight_update is not None and weight_update.p == p else None
             if update is None and index == 0 and gamma0 is None:
                 continue  # nobody needs the gamma at the model input
-            if update is not None:
-                grad, buffer, hyper = update.grad, update.prepare_buffer(), update.hyper()
-                if record is not None:
-                    record[weight] = (*on(gamma_in[p][index], weight), *on(gamma_out[p], weight))
-            else:
-                grad, buffer, hyper = None, None, {**READ_ONLY_HYPER, "p": float(p)}
-            gamma_out[p] = ops.fused_dense_step_(weight, grad, buffer, *on(gamma_in[p][index], weight),
-                                                 *on(gamma_out[p], weight), **hyper)
+            gammas = (on(gamma_in[p][index], weight), on(gamma_out[p], weight))
+            if update is None:
+                gamma_out[p] = gamma_out_pass(weight, *gammas, p)
+                continue
+            if record is not None:
+                record[weight] = (*gammas[0], *gammas[1])
+            gamma_out[p] = ops.fused_dense_step_(weight, update.grad, update.prepare_buffer(), *gammas[0],
+                                                 *gammas[1], **update.hyper())
     return gamma_out

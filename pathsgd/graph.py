@@ -437,7 +437,8 @@ def _forward_batchnorm(node: PathNode, env: Any, p: float) -> Tensor:
 
 
 # Max-times rules (p = inf, log domain: log 0 = -inf).
-def _log_abs(c: float) -> float:
+def log_abs_constant(c: float) -> float:
+    """``log |c|`` of a constant edge (-inf for 0: no edge)."""
     return math.log(abs(c)) if c != 0 else float("-inf")
 
 
@@ -453,7 +454,7 @@ def _max_add(node: PathNode, env: Any, p: float) -> Tensor:
 
 
 def _max_scale(node: PathNode, env: Any, p: float) -> Tensor:
-    return env[node.inputs[0]] + _log_abs(node.data)
+    return env[node.inputs[0]] + log_abs_constant(node.data)
 
 
 def _max_sumpool(node: PathNode, env: Any, p: float) -> Tensor:

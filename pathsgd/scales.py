@@ -40,11 +40,8 @@ def _norm(graph: PathGraph, p: float, log: bool) -> Tensor:
     if math.isinf(p):
         value = eval_autograd.log_max_path_product(graph)
         return value if log else value.exp()
-    if graph.is_dense_chain:
+    if graph.is_dense_chain and p != 0:  # phi_0 is the count itself: exact, without the log round trip
         log_pow = eval_dense.log_path_norm_pow(graph.head, p)
-        if p == 0:  # phi_0 is the count itself: exact in float64, without the log round trip
-            count = eval_autograd.path_norm_pow(graph, 0.0)
-            return count.log() if log else count
         return log_pow / p if log else (log_pow / p).exp()
     norm_pow = eval_autograd.path_norm_pow(graph, p)
     if p == 0:
@@ -106,7 +103,11 @@ def path_scales(model: nn.Module, p: float = 2, input_shape: Optional[Tuple[int,
     does not overflow where the parameters' dtype would.
     """
     p = check_norm_p(p)
-    graph = _built(model, input_shape)
+    return _scales(_built(model, input_shape), p)
+
+
+def _scales(graph: PathGraph, p: float) -> Dict[str, Tensor]:
+    """kappa of every parameter of a built graph, in model order."""
     if math.isinf(p):
         return eval_autograd.max_path_scales(graph)
     if graph.is_dense_chain:
@@ -127,9 +128,11 @@ def path_magnitudes(model: nn.Module, p: float = 1, input_shape: Optional[Tuple[
     exactly these paths). Summed over all weights, each path counts once per weight on it. Any ``p`` in
     [0, inf] (p = 0: the number of non-zero paths through e; p = inf: the largest path product through e).
     """
-    kappas = path_scales(model, p, input_shape)
+    p = check_norm_p(p)
+    graph = _built(model, input_shape)
+    kappas = _scales(graph, p)
     effective = {}  # the tensors on the paths (weight_orig * mask for pruned layers)
-    for layer in build_path_graph(model, input_shape).layers.values():
+    for layer in graph.layers.values():
         effective[layer.weight_name] = layer.weight
         if layer.bias_name is not None:
             effective[layer.bias_name] = layer.bias
