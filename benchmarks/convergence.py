@@ -147,14 +147,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> (float, floa
     return loss, err
 
 
-def train_run(data: Dict[str, torch.Tensor], opt_name: str, lr: float, init: str, seed: int, epochs: int,
-              batch: int, eval_split: str) -> Dict[str, Any]:
-    """One training run; metrics after every epoch (index 0 = before training)."""
-    t0 = time.perf_counter()
-    x, y = data["x_train"], data["y_train"]
-    xe, ye = data[f"x_{eval_split}"], data[f"y_{eval_split}"]
-    model, info = make_model(seed, init, check_x=x)
-    opt = make_optimizer(opt_name, model, lr)
+def train_epochs(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, xe: torch.Tensor, ye: torch.Tensor,
+                 epochs: int, batch: int, seed: int):
+    """Mini-batch training with cross-entropy; ``(train_loss, eval_loss, eval_err, diverged_at)`` after every
+    epoch (index 0 = before training). A non-finite training loss stops the run (later epochs NaN)."""
     gen = torch.Generator().manual_seed(seed + 104729)
     train_loss, eval_loss, eval_err = [], [], []
 
@@ -186,6 +182,18 @@ def train_run(data: Dict[str, torch.Tensor], opt_name: str, lr: float, init: str
             eval_err[-1] = float("nan")
             eval_err += [float("nan")] * pad
             break
+    return train_loss, eval_loss, eval_err, diverged_at
+
+
+def train_run(data: Dict[str, torch.Tensor], opt_name: str, lr: float, init: str, seed: int, epochs: int,
+              batch: int, eval_split: str) -> Dict[str, Any]:
+    """One training run; metrics after every epoch (index 0 = before training)."""
+    t0 = time.perf_counter()
+    x, y = data["x_train"], data["y_train"]
+    model, info = make_model(seed, init, check_x=x)
+    opt = make_optimizer(opt_name, model, lr)
+    train_loss, eval_loss, eval_err, diverged_at = train_epochs(
+        model, opt, x, y, data[f"x_{eval_split}"], data[f"y_{eval_split}"], epochs, batch, seed)
     return {"optimizer": opt_name, "lr": lr, "init": init, "seed": seed, "epochs": epochs, "batch": batch,
             "eval_split": eval_split, "train_loss": train_loss, f"{eval_split}_loss": eval_loss,
             f"{eval_split}_error": eval_err, "diverged": diverged_at is not None, "diverged_at_epoch": diverged_at,
@@ -221,17 +229,18 @@ def _pool(workers: int):
                                                   initializer=_init_worker)
 
 
-def _map(pool, tasks, bar) -> List[Dict[str, Any]]:
-    """Runs the tasks (in the pool's processes, or here); results in task order."""
+def _map(pool, tasks, bar, run_task: Callable = _task) -> List[Dict[str, Any]]:
+    """Runs the tasks with ``run_task`` (a module-level function: it goes to the pool's processes, or runs
+    here); results in task order."""
     results: List[Optional[Dict[str, Any]]] = [None] * len(tasks)
     if isinstance(pool, _Serial):
         for i, task in enumerate(tasks):
-            results[i] = _task(task)
+            results[i] = run_task(task)
             if bar:
                 bar.update(1)
         return results  # type: ignore[return-value]
     import concurrent.futures
-    futures = {pool.submit(_task, task): i for i, task in enumerate(tasks)}
+    futures = {pool.submit(run_task, task): i for i, task in enumerate(tasks)}
     for future in concurrent.futures.as_completed(futures):
         results[futures[future]] = future.result()
         if bar:

@@ -27,7 +27,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import convergence
 from .common import md_table, text_table
@@ -107,38 +106,10 @@ def train_run(dataset: str, name: str, lr: float, init: str, seed: int, epochs: 
     """One run; training loss and ``split`` loss / error after every epoch (index 0: before training)."""
     t0 = time.perf_counter()
     data = load(dataset)
-    x, y = data["x_train"], data["y_train"]
-    xe, ye = data[f"x_{split}"], data[f"y_{split}"]
     model = make_model(dataset, seed, init)
     opt = make_optimizer(name, model, lr)
-    gen = torch.Generator().manual_seed(seed + 104729)
-    train_loss, eval_loss, eval_err = [], [], []
-
-    def record() -> bool:
-        tl, _ = convergence.evaluate(model, x, y)
-        el, ee = convergence.evaluate(model, xe, ye)
-        train_loss.append(tl)
-        eval_loss.append(el)
-        eval_err.append(ee)
-        return math.isfinite(tl)
-
-    record()
-    diverged = None
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), BATCH):
-            idx = perm[i:i + BATCH]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        if not record():
-            diverged = epoch
-            pad = [float("nan")] * (epochs - epoch)
-            train_loss += pad
-            eval_loss += pad
-            eval_err[-1] = float("nan")
-            eval_err += pad
-            break
+    train_loss, eval_loss, eval_err, diverged = convergence.train_epochs(
+        model, opt, data["x_train"], data["y_train"], data[f"x_{split}"], data[f"y_{split}"], epochs, BATCH, seed)
     return {"dataset": dataset, "optimizer": name, "lr": lr, "init": init, "seed": seed, "split": split,
             "train_loss": train_loss, f"{split}_loss": eval_loss, f"{split}_error": eval_err,
             "diverged": diverged is not None, "diverged_at_epoch": diverged, "time_s": time.perf_counter() - t0}
@@ -146,24 +117,6 @@ def train_run(dataset: str, name: str, lr: float, init: str, seed: int, epochs: 
 
 def _task(args) -> Dict[str, Any]:
     return train_run(*args)
-
-
-def _map(pool, tasks, bar) -> List[Dict[str, Any]]:
-    if isinstance(pool, convergence._Serial):
-        out = []
-        for task in tasks:
-            out.append(_task(task))
-            if bar:
-                bar.update(1)
-        return out
-    import concurrent.futures
-    results: List[Optional[Dict[str, Any]]] = [None] * len(tasks)
-    futures = {pool.submit(_task, task): i for i, task in enumerate(tasks)}
-    for future in concurrent.futures.as_completed(futures):
-        results[futures[future]] = future.result()
-        if bar:
-            bar.update(1)
-    return results  # type: ignore[return-value]
 
 
 def grid_of(name: str, grid_size: Optional[int] = None) -> List[float]:
@@ -186,7 +139,7 @@ def run(epochs: Dict[str, int], seeds: Sequence[int] = (0, 1, 2), datasets: Sequ
     total = len(grid_tasks) + len(datasets) * len(names) * len(inits) * len(seeds)
     bar = progress_factory(total=total, desc="paper protocol") if progress_factory else None
     with convergence._pool(workers) as pool:
-        grid_runs = _map(pool, grid_tasks, bar)
+        grid_runs = convergence._map(pool, grid_tasks, bar, _task)
         chosen: Dict[str, Dict[str, Any]] = {}
         for d in datasets:
             for n in names:
@@ -203,7 +156,7 @@ def run(epochs: Dict[str, int], seeds: Sequence[int] = (0, 1, 2), datasets: Sequ
                                                  "at_grid_edge": len(grid) > 1 and best[2] in (max(grid), min(grid))}
         final_tasks = [(d, n, chosen[f"{d}/{n}/{init}"]["lr"], init, s, epochs[d], "test") for d in datasets
                        for n in names for init in inits for s in seeds]
-        runs = _map(pool, final_tasks, bar)
+        runs = convergence._map(pool, final_tasks, bar, _task)
     if bar:
         bar.close()
     result = {"protocol": __doc__.split("\n\n")[1].replace("\n", " "), "datasets": {d: DATASETS[d] for d in datasets},
