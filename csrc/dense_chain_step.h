@@ -72,9 +72,8 @@ inline void check_dense_chain(at::TensorList weights, at::TensorList weight_grad
   }
 }
 
-// GammaForward(weight, bias, gamma_in, log_scale, p) -> (gamma, log_scale);
-// FusedStep(weight, grad, buffer, gamma_in, s_in, gamma_out, s_out, SgdArgs) -> (gamma, log_scale);
-// ScaledUpdate(params, grads, buffers, kappas, SgdArgs).
+// gamma_forward, fused_step, scaled_update: the backend's kernels of the ops of the same names (their
+// host functions, with the op signatures).
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
 std::tuple<at::Tensor, at::Tensor> dense_chain_step(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
@@ -118,14 +117,19 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step(
       --k;
       bias_kappas[k] = gout.to(at::kDouble) * gout_scale.exp();
     }
-    const at::Tensor& w = weights[l];
+    at::Tensor w = weights[l];
     auto [v, s] = fused_step(w, weight_grads[l], momentum ? std::optional<at::Tensor>(weight_buffers[l]) : std::nullopt,
-                             as_opmath(gamma_in[l].first, w), gamma_in[l].second, as_opmath(gout, w), gout_scale, a);
+                             as_opmath(gamma_in[l].first, w), gamma_in[l].second, as_opmath(gout, w), gout_scale, a.p,
+                             a.lr, a.momentum, a.dampening, a.weight_decay, a.nesterov, a.maximize, a.first_step,
+                             a.eps, a.clamp_min, a.clamp_max, a.lr_tensor);
     gout = std::move(v);
     gout_scale = std::move(s);
   }
   // 3. the biases, one multi-tensor update.
-  if (!biases.empty()) scaled_update(biases, bias_grads, bias_buffers, bias_kappas, a);
+  if (!biases.empty()) {
+    scaled_update(biases, bias_grads, bias_buffers, bias_kappas, a.p, a.lr, a.momentum, a.dampening, a.weight_decay,
+                  a.nesterov, a.maximize, a.first_step, a.eps, a.clamp_min, a.clamp_max, a.lr_tensor);
+  }
   return {gout, gout_scale};
 }
 

@@ -366,22 +366,9 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step_cpu(
     std::optional<double> clamp_min, std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
   const SgdArgs a{p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
                   lr_tensor};
-  return dense_chain_step(
-      weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_log_scale, a,
-      [](const at::Tensor& w, const std::optional<at::Tensor>& b, const at::Tensor& v, const at::Tensor& s, double p_) {
-        return gamma_forward_cpu(w, b, v, s, p_);
-      },
-      [](const at::Tensor& w, const at::Tensor& g, const std::optional<at::Tensor>& buf, const at::Tensor& v_in,
-         const at::Tensor& s_in, const at::Tensor& v_out, const at::Tensor& s_out, const SgdArgs& h) {
-        at::Tensor weight = w;
-        return fused_dense_step_cpu(weight, g, buf, v_in, s_in, v_out, s_out, h.p, h.lr, h.momentum, h.dampening,
-                                     h.weight_decay, h.nesterov, h.maximize, h.first_step, h.eps, h.clamp_min,
-                                     h.clamp_max, h.lr_tensor);
-      },
-      [](at::TensorList params, at::TensorList grads, at::TensorList buffers, at::TensorList kappas, const SgdArgs& h) {
-        scaled_sgd_update_cpu(params, grads, buffers, kappas, h.p, h.lr, h.momentum, h.dampening, h.weight_decay,
-                               h.nesterov, h.maximize, h.first_step, h.eps, h.clamp_min, h.clamp_max, h.lr_tensor);
-      });
+  return dense_chain_step(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
+                          gamma0, gamma0_log_scale, a, gamma_forward_cpu, fused_dense_step_cpu,
+                          scaled_sgd_update_cpu);
 }
 
 }  // namespace
