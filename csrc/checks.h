@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "path_sgd_math.h"
+
 namespace pathsgd {
 namespace checks {
 
@@ -58,6 +60,22 @@ inline void fused_dense_step_args(const at::Tensor& weight, const std::optional<
   }
 }
 
+// The ops' `float[] sgd` argument (pathsgd/sgd_params.py), unpacked.
+inline SgdArgs sgd_args(at::ArrayRef<double> sgd, const char* op) {
+  TORCH_CHECK(sgd.size() == SgdArgs::kCount, "pathsgd.", op, ": sgd must have ", SgdArgs::kCount,
+              " entries (lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, "
+              "clamp_max; pathsgd.sgd_params.SgdParams.packed()), got ", sgd.size());
+  return SgdArgs::unpack(sgd.data());
+}
+
+inline void clamp_args(at::TensorList tensors, double lo, double hi) {
+  TORCH_CHECK(lo <= hi, "pathsgd.clamp_: lo must be <= hi, got lo=", lo, ", hi=", hi);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(at::isFloatingType(tensors[i].scalar_type()), "pathsgd.clamp_: tensor ", i,
+                " must be floating point, got dtype ", tensors[i].scalar_type());
+  }
+}
+
 inline void scaled_sgd_update_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                    at::TensorList kappas, double p, double momentum) {
   const bool use_buffer = momentum != 0.0;
@@ -85,6 +103,75 @@ inline void scaled_sgd_update_args(at::TensorList params, at::TensorList grads, 
                   "pathsgd.scaled_sgd_update_: momentum buffer ", i,
                   " must be a contiguous tensor shaped and typed like its param");
     }
+  }
+}
+
+// `t` (a grad or momentum buffer of entry `index` of a list) matches its parameter.
+inline void like(const at::Tensor& t, const at::Tensor& param, const at::Device& device, const char* op,
+                 const char* what, int64_t index, bool contiguous) {
+  TORCH_CHECK(t.sizes() == param.sizes() && t.scalar_type() == param.scalar_type() && t.device() == device &&
+                  !t.is_sparse() && (!contiguous || t.is_contiguous()),
+              op, ": ", what, " ", index, " (shape ", t.sizes(), ", dtype ", t.scalar_type(), ", on ", t.device(),
+              t.is_sparse() ? ", sparse" : "", contiguous && !t.is_contiguous() ? ", not contiguous" : "",
+              ") must be a dense", contiguous ? " contiguous" : "", " tensor shaped and typed like its parameter (",
+              param.sizes(), ", ", param.scalar_type(), ") on ", device);
+}
+
+inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_grads,
+                                  at::TensorList weight_buffers, at::TensorList biases, at::TensorList bias_grads,
+                                  at::TensorList bias_buffers, at::IntArrayRef bias_layers,
+                                  const std::optional<at::Tensor>& gamma0,
+                                  const std::optional<at::Tensor>& gamma0_log_scale, double p, double momentum_value) {
+  constexpr const char* op = "pathsgd.dense_chain_step_";
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n > 0, op, ": needs at least one layer");
+  TORCH_CHECK(p >= 1.0, op, ": p must be >= 1, got ", p);
+  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == n, op, ": ", weight_grads.size(), " weight grads for ", n,
+              " weights");
+  const bool momentum = momentum_value != 0.0;
+  TORCH_CHECK(static_cast<int64_t>(weight_buffers.size()) == (momentum ? n : 0), op, ": momentum ", momentum_value,
+              " needs ", momentum ? n : 0, " weight momentum buffers, got ", weight_buffers.size());
+  TORCH_CHECK(bias_grads.size() == biases.size() && bias_layers.size() == biases.size(), op, ": ", biases.size(),
+              " biases, ", bias_grads.size(), " bias grads and ", bias_layers.size(), " bias layer indices");
+  TORCH_CHECK(bias_buffers.size() == (momentum ? biases.size() : 0), op, ": momentum ", momentum_value, " needs ",
+              momentum ? biases.size() : 0, " bias momentum buffers, got ", bias_buffers.size());
+  const at::Device device = weights[0].device();
+  for (int64_t l = 0; l < n; ++l) {
+    TORCH_CHECK(weights[l].dim() == 2, op, ": weight ", l, " must be 2-D, got shape ", weights[l].sizes());
+    TORCH_CHECK(weights[l].device() == device, op, ": weight ", l, " is on ", weights[l].device(), ", weight 0 on ",
+                device);
+    TORCH_CHECK(l == 0 || weights[l].size(1) == weights[l - 1].size(0), op, ": weight ", l, " has shape ",
+                weights[l].sizes(), " but layer ", l - 1, " has ", weights[l - 1].size(0), " outputs");
+  }
+  // Every tensor the step writes or reads is checked here, before anything changes: the per-layer
+  // kernels' own checks would come after the layers behind them were updated.
+  for (int64_t l = 0; l < n; ++l) {
+    like(weight_grads[l], weights[l], device, op, "weight grad", l, false);
+    if (momentum) like(weight_buffers[l], weights[l], device, op, "weight momentum buffer", l, true);
+  }
+  for (size_t k = 0; k < bias_layers.size(); ++k) {
+    TORCH_CHECK(bias_layers[k] >= 0 && bias_layers[k] < n && (k == 0 || bias_layers[k] > bias_layers[k - 1]), op,
+                ": bias_layers must be increasing layer indices below ", n, ", got ", bias_layers);
+  }
+  for (size_t k = 0; k < biases.size(); ++k) {
+    const int64_t l = bias_layers[k];
+    TORCH_CHECK(biases[k].dim() == 1 && biases[k].size(0) == weights[l].size(0), op, ": bias of layer ", l,
+                " must have shape [", weights[l].size(0), "], got ", biases[k].sizes());
+    TORCH_CHECK(biases[k].device() == device, op, ": bias of layer ", l, " is on ", biases[k].device(),
+                ", weight 0 on ", device);
+    like(bias_grads[k], biases[k], device, op, "bias grad", static_cast<int64_t>(k), false);
+    if (momentum) like(bias_buffers[k], biases[k], device, op, "bias momentum buffer", static_cast<int64_t>(k), true);
+  }
+  TORCH_CHECK(gamma0.has_value() == gamma0_log_scale.has_value(), op,
+              ": gamma0 and gamma0_log_scale must be given together");
+  if (gamma0.has_value()) {
+    TORCH_CHECK(gamma0->dim() == 1 && gamma0->size(0) == weights[0].size(1) &&
+                    gamma0->scalar_type() == at::toOpMathType(weights[0].scalar_type()) && gamma0->device() == device,
+                op, ": gamma0 must be a [", weights[0].size(1), "] ", at::toOpMathType(weights[0].scalar_type()),
+                " tensor on ", device, ", got ", gamma0->sizes(), " ", gamma0->scalar_type(), " on ", gamma0->device());
+    TORCH_CHECK(gamma0_log_scale->dim() == 0 && gamma0_log_scale->scalar_type() == at::kDouble, op,
+                ": gamma0_log_scale must be a 0-dim float64 tensor, got ", gamma0_log_scale->sizes(), " ",
+                gamma0_log_scale->scalar_type());
   }
 }
 

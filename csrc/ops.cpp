@@ -23,6 +23,9 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// The Path-SGD update ops take torch.optim.SGD's hyper-parameters as one bundle: `float[] sgd` in
+// the field order of pathsgd/sgd_params.py (SgdParams.packed(); unpacked by SgdArgs in
+// path_sgd_math.h) and `Tensor? lr_tensor` for a tensor lr.
 TORCH_LIBRARY(pathsgd, m) {
   // gamma_out * exp(out_log_scale) = |W|^p (gamma_in * exp(in_log_scale)) + |b|^p,
   // with gamma_out normalized to max 1 (see DESIGN.md section 2, numerics).
@@ -35,9 +38,7 @@ TORCH_LIBRARY(pathsgd, m) {
   m.def(
       "fused_dense_step_(Tensor(a!) weight, Tensor? grad, Tensor(b!)? momentum_buffer, "
       "Tensor gamma_in, Tensor gamma_in_log_scale, Tensor gamma_out, Tensor gamma_out_log_scale, "
-      "float p, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step, float eps, float? clamp_min, float? clamp_max, "
-      "Tensor? lr_tensor) -> (Tensor, Tensor)");
+      "float p, float[] sgd, Tensor? lr_tensor) -> (Tensor, Tensor)");
   // The fused step of a whole chain of dense layers in one call (csrc/dense_chain_step.h): gamma
   // forward, every layer's fused pass output to input, the biases' multi-tensor update. gamma0
   // (with its log scale) is the chain's input gamma when the chain is the head of a larger model;
@@ -45,15 +46,11 @@ TORCH_LIBRARY(pathsgd, m) {
   m.def(
       "dense_chain_step_(Tensor(a!)[] weights, Tensor[] weight_grads, Tensor(b!)[] weight_buffers, "
       "Tensor(c!)[] biases, Tensor[] bias_grads, Tensor(d!)[] bias_buffers, int[] bias_layers, Tensor? gamma0, "
-      "Tensor? gamma0_log_scale, float p, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step, float eps, float? clamp_min, float? clamp_max, "
-      "Tensor? lr_tensor) -> (Tensor, Tensor)");
+      "Tensor? gamma0_log_scale, float p, float[] sgd, Tensor? lr_tensor) -> (Tensor, Tensor)");
   // Multi-tensor Path-SGD update with materialized float64 kappa (conv weights, biases).
   m.def(
       "scaled_sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor[] kappas, float p, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step, float eps, float? clamp_min, "
-      "float? clamp_max, Tensor? lr_tensor) -> ()");
+      "Tensor[] kappas, float p, float[] sgd, Tensor? lr_tensor) -> ()");
   // Multi-tensor clamp_(lo, hi) (WGAN weight clipping).
   m.def("clamp_(Tensor(a!)[] tensors, float lo, float hi) -> ()");
   // Backward of a conv net's abs-pow network over a compiled VJP program: the kappa of every

@@ -66,26 +66,37 @@ struct SgdParams {
   bool has_clamp_max = false;
 };
 
-// Packs the op arguments (host side, every backend); lr may be overridden by the
-// backend (a CPU tensor read on the host, a CUDA tensor read in the kernel).
+// The ops' `float[] sgd` argument, unpacked: pathsgd/sgd_params.py (SgdParams.packed) writes
+// these fields in this order. A missing clamp bound is -inf / +inf, which clamps nothing.
+struct SgdArgs {
+  static constexpr int kCount = 10;
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize, first_step;
+  double eps, clamp_min, clamp_max;
+
+  static SgdArgs unpack(const double* v) {
+    return SgdArgs{v[0], v[1], v[2], v[3], v[4] != 0.0, v[5] != 0.0, v[6] != 0.0, v[7], v[8], v[9]};
+  }
+};
+
+// The hyper-parameters in opmath precision (host side, every backend); `lr` is the packed lr or
+// the backend's reading of lr_tensor (a CPU tensor on the host; a CUDA one is read in the kernel).
 template <typename S>
-SgdParams<S> make_sgd_params(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                             bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
-                             std::optional<double> clamp_max) {
+SgdParams<S> make_sgd_params(const SgdArgs& a, double lr) {
   SgdParams<S> h;
   h.lr = static_cast<S>(lr);
-  h.momentum = static_cast<S>(momentum);
-  h.dampening = static_cast<S>(dampening);
-  h.weight_decay = static_cast<S>(weight_decay);
-  h.eps = static_cast<S>(eps);
-  h.nesterov = nesterov;
-  h.maximize = maximize;
-  h.first_step = first_step;
-  h.has_momentum = momentum != 0.0;
-  h.has_clamp_min = clamp_min.has_value();
-  h.has_clamp_max = clamp_max.has_value();
-  h.clamp_min = static_cast<S>(clamp_min.value_or(0.0));
-  h.clamp_max = static_cast<S>(clamp_max.value_or(0.0));
+  h.momentum = static_cast<S>(a.momentum);
+  h.dampening = static_cast<S>(a.dampening);
+  h.weight_decay = static_cast<S>(a.weight_decay);
+  h.eps = static_cast<S>(a.eps);
+  h.nesterov = a.nesterov;
+  h.maximize = a.maximize;
+  h.first_step = a.first_step;
+  h.has_momentum = a.momentum != 0.0;
+  h.has_clamp_min = a.clamp_min != -INFINITY;
+  h.has_clamp_max = a.clamp_max != INFINITY;
+  h.clamp_min = h.has_clamp_min ? static_cast<S>(a.clamp_min) : S(0);
+  h.clamp_max = h.has_clamp_max ? static_cast<S>(a.clamp_max) : S(0);
   return h;
 }
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .graph import DenseChain
+from .sgd_params import READ_ONLY
 
 LogScaled = Tuple[Tensor, Tensor]  # (gamma normalized to max in [1, 2], float64 log scale)
 # (group id, first step, device) -> [(update, float64 kappa)]: one multi-tensor update each
@@ -99,14 +100,10 @@ def chain_kappas(chain: DenseChain, p: float) -> Dict[str, Tensor]:
     return {name: kappas[name] for name in named}  # model order
 
 
-READ_ONLY_HYPER = dict(p=2.0, lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-                       first_step=False, eps=0.0, clamp_min=None, clamp_max=None, lr_tensor=None)
-
-
 def gamma_out_pass(weight: Tensor, gamma_in: LogScaled, gamma_out: LogScaled, p: float) -> LogScaled:
     """``|W|^pT gamma_out`` (normalized) by the fused kernel's read-only pass (``gamma_in`` is not
     read, but shaped as the op needs)."""
-    return ops.fused_dense_step_(weight, None, None, *gamma_in, *gamma_out, **{**READ_ONLY_HYPER, "p": float(p)})
+    return ops.fused_dense_step_(weight, None, None, *gamma_in, *gamma_out, float(p), READ_ONLY)
 
 
 def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batches,
@@ -155,5 +152,5 @@ def dense_step(chain: DenseChain, updates: Dict[Tensor, Any], bias_batches: Batc
             if record is not None:
                 record[weight] = (*gammas[0], *gammas[1])
             gamma_out[p] = ops.fused_dense_step_(weight, update.grad, update.prepare_buffer(), *gammas[0],
-                                                 *gammas[1], **update.hyper())
+                                                 *gammas[1], p, update.sgd())
     return gamma_out

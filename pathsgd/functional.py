@@ -24,6 +24,7 @@ from .eval_dense import Batches, LogScaled, dense_step, from_log_scaled, on, to_
 from .eval_tape import Kappas, TapeEvaluator
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
+from .sgd_params import SgdParams
 
 Evaluator = Union[TapeEvaluator, AutogradEvaluator]
 # A kappa kept for later steps: a dense weight's (gamma_in, log scale, gamma_out, log scale), else float64 kappa.
@@ -32,14 +33,14 @@ Stored = Union[Tuple[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 class ParamUpdate:
     """One parameter's update this step; ``buffer`` is None until momentum first runs."""
-    __slots__ = ("param", "grad", "group", "buffer", "first_step", "buffer_replaced", "p", "_hyper")
+    __slots__ = ("param", "grad", "group", "buffer", "first_step", "buffer_replaced", "p", "_sgd")
 
     def __init__(self, param: Tensor, grad: Tensor, group: Dict[str, Any], buffer: Optional[Tensor]) -> None:
         self.param, self.grad, self.group, self.buffer = param, grad, group, buffer
         self.first_step = False
         self.buffer_replaced = False
         self.p: float = group["p"]
-        self._hyper: Optional[Dict[str, Any]] = None
+        self._sgd: Optional[SgdParams] = None
 
     def prepare_buffer(self) -> Optional[Tensor]:
         """The momentum buffer to pass to a kernel (allocated, uninitialized, on the first step)."""
@@ -50,21 +51,13 @@ class ParamUpdate:
             self.first_step = True
         return self.buffer
 
-    def hyper(self, unit: bool = False) -> Dict[str, Any]:
-        """Hyper-parameter keyword arguments of the pathsgd ops (built once the buffer is prepared);
-        ``unit``: for a parameter of units (kappa = 1, eps not applied)."""
-        if self._hyper is not None and self._hyper["first_step"] == self.first_step:
-            return self._hyper
-        g = self.group
-        lr = g["lr"]
-        lo, hi = g["clamp"] if g["clamp"] is not None else (None, None)
-        self._hyper = dict(p=float(g["p"]), lr=0.0 if isinstance(lr, Tensor) else float(lr),
-                           momentum=float(g["momentum"]), dampening=float(g["dampening"]),
-                           weight_decay=float(g["weight_decay"]), nesterov=bool(g["nesterov"]),
-                           maximize=bool(g["maximize"]), first_step=self.first_step,
-                           eps=0.0 if unit else float(g["eps"]), clamp_min=lo, clamp_max=hi,
-                           lr_tensor=lr if isinstance(lr, Tensor) else None)
-        return self._hyper
+    def sgd(self, unit: bool = False) -> SgdParams:
+        """The hyper-parameters of the pathsgd ops (built once the buffer is prepared); ``unit``:
+        for a parameter of units (kappa = 1, eps not applied)."""
+        sgd = self._sgd
+        if sgd is None or sgd.first_step != self.first_step:
+            sgd = self._sgd = group_sgd(self.group, self.first_step)
+        return sgd._replace(eps=0.0) if unit else sgd
 
 
 def evaluator_for(graph: PathGraph, stop: Optional[int], dense: FrozenSet[str]) -> Evaluator:
@@ -89,7 +82,7 @@ def _apply_batches(batches: Batches, unit: bool = False) -> None:
         first = batch[0][0]
         ops.scaled_sgd_update_([u.param for u, _ in batch], [u.grad for u, _ in batch],
                                [u.buffer for u, _ in batch] if first.buffer is not None else [],
-                               [k for _, k in batch], **first.hyper(unit))
+                               [k for _, k in batch], first.p, first.sgd(unit))
 
 
 def _unit_parameter_step(unit_params: Dict[str, Tensor], updates: Dict[Tensor, ParamUpdate]) -> None:
@@ -128,7 +121,7 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
             result = results[update.p]
             if is_weight and name in result.dense_gammas:
                 gammas = [t if t.device == param.device else t.to(param.device) for t in result.dense_gammas[name]]
-                ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), *gammas, **update.hyper())
+                ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), *gammas, update.p, update.sgd())
                 if record is not None:
                     record[param] = tuple(gammas)
                 continue
@@ -173,7 +166,67 @@ def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
     return ops.dense_chain_step_([u.param for u in weight_updates], [u.grad for u in weight_updates],
                                  buffers(weight_updates), [u.param for u in bias_updates],
                                  [u.grad for u in bias_updates], buffers(bias_updates), bias_layers, v, s,
-                                 **first.hyper())
+                                 first.p, first.sgd())
+
+
+def group_sgd(group: Dict[str, Any], first_step: bool) -> SgdParams:
+    """The SgdParams of a param group's update."""
+    lo, hi = group["clamp"] if group["clamp"] is not None else (None, None)
+    lr = group["lr"]
+    return SgdParams(lr if isinstance(lr, Tensor) else float(lr), float(group["momentum"]), float(group["dampening"]),
+                     float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]), first_step,
+                     float(group["eps"]), lo, hi)
+
+
+class ChainStepPlan:
+    """The step of a model that is one dense chain optimized by one param group, resolved once:
+    the chain's parameters in layer order and its bias layers. A step is then one
+    ``dense_chain_step_`` call with no per-parameter Python objects (what a small MLP's step
+    costs otherwise). :meth:`step` returns False, having changed nothing, when this step needs the
+    general path: a parameter without a gradient, the first momentum step (it creates the
+    buffers), a parameter replaced in its module, or an argument the op refuses (the general
+    path then raises its error naming the parameter)."""
+
+    def __init__(self, chain: DenseChain, group: Dict[str, Any]) -> None:
+        self.group = group
+        self.group_params = group["params"]
+        self.size = len(group["params"])
+        self.weights = [layer.weight_param for layer in chain.layers]
+        self.bias_layers = [i for i, layer in enumerate(chain.layers) if layer.bias_param is not None]
+        self.biases = [chain.layers[i].bias_param for i in self.bias_layers]
+        self.slots = [(layer.module._parameters, "weight", w) for layer, w in zip(chain.layers, self.weights)]
+        self.slots += [(chain.layers[i].module._parameters, "bias", b) for i, b in zip(self.bias_layers, self.biases)]
+        self.device_type = self.weights[0].device.type
+
+    def valid_for(self, group: Dict[str, Any]) -> bool:
+        return (group is self.group and group["params"] is self.group_params and len(group["params"]) == self.size
+                and all(params.get(name) is t for params, name, t in self.slots))
+
+    def step(self, state: Dict[Tensor, Any]) -> bool:
+        group = self.group
+        weights, biases = self.weights, self.biases
+        if weights[0].device.type != self.device_type:
+            return False
+        weight_grads = [w.grad for w in weights]
+        bias_grads = [b.grad for b in biases]
+        if any(g is None for g in weight_grads) or any(g is None for g in bias_grads):
+            return False
+        weight_buffers: list = []
+        bias_buffers: list = []
+        if group["momentum"] != 0:
+            for params, buffers in ((weights, weight_buffers), (biases, bias_buffers)):
+                for t in params:
+                    entry = state.get(t)
+                    buffer = entry.get("momentum_buffer") if entry else None
+                    if buffer is None:
+                        return False
+                    buffers.append(buffer)
+        try:
+            ops.dense_chain_step_(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers,
+                                  self.bias_layers, None, None, float(group["p"]), group_sgd(group, False))
+        except RuntimeError:  # the op checks every argument before it changes anything
+            return False
+        return True
 
 
 def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: Batches,
@@ -206,8 +259,8 @@ def _stored_step(unit_params: Dict[str, Tensor], updates: Dict[Tensor, ParamUpda
         if isinstance(entry, tuple):
             v_in, s_in = on(entry[:2], param)
             v_out, s_out = on(entry[2:], param)
-            ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), v_in, s_in, v_out, s_out,
-                                  **update.hyper())
+            ops.fused_dense_step_(param, update.grad, update.prepare_buffer(), v_in, s_in, v_out, s_out, update.p,
+                                  update.sgd())
         else:
             _batch(batches, update, entry if entry.device == param.device else entry.to(param.device))
     _apply_batches(batches)

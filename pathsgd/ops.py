@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .sgd_params import SgdParams
 
 _OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
 # The ops with CUDA kernels in csrc/cuda/ (what the CPU emulation of the CUDA code registers).
@@ -195,46 +196,35 @@ def gamma_forward(weight: Tensor, bias: Optional[Tensor], gamma_in: Tensor, gamm
 
 def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: Optional[Tensor], gamma_in: Tensor,
                       gamma_in_log_scale: Tensor, gamma_out: Tensor, gamma_out_log_scale: Tensor, p: float,
-                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
-                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
     """Fused backward gamma pass + Path-SGD update of one dense weight; see the reference."""
-    args = (weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out, gamma_out_log_scale, p, lr,
-            momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+    tensors = (weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out, gamma_out_log_scale)
     if _use_compiled(weight):
-        return _K.fused_dense_step_.default(*args)
-    return reference.fused_dense_step_(*args)
+        return _K.fused_dense_step_.default(*tensors, p, sgd.packed(), sgd.lr_tensor)
+    return reference.fused_dense_step_(*tensors, p, sgd)
 
 
 def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
                       biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
                       bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
-                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
-                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
     """The fused Path-SGD step of a whole dense chain in one call; see the reference."""
-    args = (weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0,
-            gamma0_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps,
-            clamp_min, clamp_max, lr_tensor)
+    lists = (weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0,
+             gamma0_log_scale)
     if _use_compiled(weights[0]):
-        return _K.dense_chain_step_.default(*args)
-    return reference.dense_chain_step_(*args)
+        return _K.dense_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor)
+    return reference.dense_chain_step_(*lists, p, sgd)
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
-                       kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
-                       weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,
-                       clamp_min: Optional[float], clamp_max: Optional[float],
-                       lr_tensor: Optional[Tensor] = None) -> None:
+                       kappas: List[Tensor], p: float, sgd: SgdParams) -> None:
     """Multi-tensor Path-SGD update with materialized float64 kappa; see the reference."""
     if not params:
         return
-    args = (params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
-            first_step, eps, clamp_min, clamp_max, lr_tensor)
     if _use_compiled(params[0]):
-        _K.scaled_sgd_update_.default(*args)
+        _K.scaled_sgd_update_.default(params, grads, momentum_buffers, kappas, p, sgd.packed(), sgd.lr_tensor)
     else:
-        reference.scaled_sgd_update_(*args)
+        reference.scaled_sgd_update_(params, grads, momentum_buffers, kappas, p, sgd)
 
 
 def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
@@ -259,22 +249,20 @@ def _gamma_forward_fake(weight, bias, gamma_in, gamma_in_log_scale, p):
     return gamma_in.new_empty((weight.shape[0],)), gamma_in_log_scale.new_empty(())
 
 
+# The fakes take the schemas' arguments: ``sgd`` is SgdParams.packed(), ``lr_tensor`` its tensor lr.
 def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
-                           gamma_out_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                           first_step, eps, clamp_min, clamp_max, lr_tensor):
+                           gamma_out_log_scale, p, sgd, lr_tensor):
     return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
 
 
 def _dense_chain_step_fake(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                           gamma0, gamma0_log_scale, p, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                           first_step, eps, clamp_min, clamp_max, lr_tensor):
+                           gamma0, gamma0_log_scale, p, sgd, lr_tensor):
     first = weights[0]
     opmath = reference.opmath_dtype(first.dtype)
     return first.new_empty((first.shape[1],), dtype=opmath), first.new_empty((), dtype=torch.float64)
 
 
-def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, lr, momentum, dampening, weight_decay,
-                            nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor):
+def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, sgd, lr_tensor):
     return None
 
 

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import ops
 from .clamp import ClampArg, normalize_clamp
-from .functional import ParamUpdate, path_sgd
+from .functional import ChainStepPlan, ParamUpdate, path_sgd
 from .graph import PathGraph, build_path_graph, unwrap_model
 from .scales import check_p
 
@@ -131,6 +131,7 @@ class PathSGD(Optimizer):
         self._param_names = {id(t): name for name, t in {**self.graph.named_parameters(),
                                                           **self.graph.unit_params}.items()}
         self.check_finite = check_finite
+        self._plan: Optional[Tuple[Tuple[int, int, int], Optional[ChainStepPlan]]] = None
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
                         eps=eps, kappa_every=kappa_every)
@@ -168,6 +169,7 @@ class PathSGD(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("differentiable", False)
         self.__dict__.setdefault("use_reference", False)
+        self.__dict__.setdefault("_plan", None)
 
     def _graph_for_step(self) -> PathGraph:
         """The path graph for the input that produced this step's gradients (the model's most recent
@@ -244,6 +246,9 @@ class PathSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plan = self._chain_plan()
+        if plan is not None and plan.step(self.state):
+            return loss
         updates = self._collect_updates()
         if updates:
             stored, record = self._kappa_schedule(updates)
@@ -257,6 +262,33 @@ class PathSGD(Optimizer):
             if record is not None or stored is not None:
                 self._store_kappas(updates, record)
         return loss
+
+    def _chain_plan(self) -> Optional[ChainStepPlan]:
+        """The one-call step plan (:class:`ChainStepPlan`) when this step may take it: the model is
+        one dense chain (no PReLU slopes, BatchNorm or pruning) optimized by one param group with
+        kappa recomputed every step, the compiled kernels, no check_finite and no input_shape to
+        check; None otherwise (the general path)."""
+        if len(self.param_groups) != 1 or self.check_finite or torch.compiler.is_compiling():
+            return None
+        group = self.param_groups[0]
+        if group["kappa_every"] != 1:
+            return None
+        key = (id(group), id(group["params"]), len(group["params"]))
+        if self._plan is None or self._plan[0] != key or (self._plan[1] is not None
+                                                          and not self._plan[1].valid_for(group)):
+            self._plan = (key, self._new_chain_plan(group))
+        return self._plan[1]
+
+    def _new_chain_plan(self, group: Dict[str, Any]) -> Optional[ChainStepPlan]:
+        graph = self.graph
+        if (not graph.is_dense_chain or graph.unit_params or graph.batchnorms or self.use_reference
+                or self._given_input_shape is not None or any(layer.pruned for layer in graph.head.layers)):
+            return None
+        plan = ChainStepPlan(graph.head, group)
+        if not ops.has_kernel(plan.device_type) or {id(t) for t in group["params"]} != \
+                {id(t) for t in plan.weights + plan.biases}:
+            return None
+        return plan
 
     def _kappa_schedule(self, updates: Dict[Tensor, ParamUpdate]) -> Tuple[Optional[Dict[Tensor, Any]],
                                                                            Optional[Dict[Tensor, Any]]]:

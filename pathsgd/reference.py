@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .sgd_params import SgdParams
+
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the arithmetic for parameters of ``dtype`` (float32 for half types)."""
@@ -111,38 +113,34 @@ def kappa_pow(kappa: Tensor, p: float) -> Tensor:
     return kappa if p == 2 else kappa.pow(2.0 / p)
 
 
-def sgd_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], kappa_pow_: Tensor, lr: float,
-                momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-                first_step: bool, eps: float, clamp_min: Optional[float], clamp_max: Optional[float],
-                lr_tensor: Optional[Tensor] = None) -> None:
+def sgd_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], kappa_pow_: Tensor,
+                sgd: SgdParams) -> None:
     """torch.optim.SGD's update on ``g / max(kappa_pow_, eps)``, then clamp; in opmath precision."""
     opmath = opmath_dtype(param.dtype)
     w = param.to(opmath)
     g = grad.to(opmath)
-    if maximize:
+    if sgd.maximize:
         g = -g
-    d = g / kappa_pow_.to(opmath).clamp_min(eps)
-    if weight_decay != 0:
-        d = d + weight_decay * w
-    if momentum != 0:
-        if first_step:
+    d = g / kappa_pow_.to(opmath).clamp_min(sgd.eps)
+    if sgd.weight_decay != 0:
+        d = d + sgd.weight_decay * w
+    if sgd.momentum != 0:
+        if sgd.first_step:
             buf = d
         else:
-            buf = momentum * momentum_buffer.to(opmath) + (1 - dampening) * d
+            buf = sgd.momentum * momentum_buffer.to(opmath) + (1 - sgd.dampening) * d
         momentum_buffer.copy_(buf)
-        d = d + momentum * buf if nesterov else buf
-    lr_ = lr_tensor.to(device=param.device, dtype=opmath) if lr_tensor is not None else lr
-    w = w - lr_ * d
-    if clamp_min is not None or clamp_max is not None:
-        w = w.clamp(clamp_min, clamp_max)
+        d = d + sgd.momentum * buf if sgd.nesterov else buf
+    lr = sgd.lr.to(device=param.device, dtype=opmath) if isinstance(sgd.lr, Tensor) else sgd.lr
+    w = w - lr * d
+    if sgd.clamp_min is not None or sgd.clamp_max is not None:
+        w = w.clamp(sgd.clamp_min, sgd.clamp_max)
     param.copy_(w)
 
 
 def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: Optional[Tensor], gamma_in: Tensor,
                       gamma_in_log_scale: Tensor, gamma_out: Tensor, gamma_out_log_scale: Tensor, p: float,
-                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
-                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
     """Normalized ``|W_old|^pT gamma_out`` and, if ``grad`` is given, the Path-SGD update of W.
 
     ``kappa_ij = gamma_out_i * gamma_in_j * exp(s_out + s_in)``.
@@ -153,17 +151,14 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
         # Built in float64 as exp(2/p * log kappa) so an out-of-range gamma does not overflow.
         log_kappa = (torch.outer(gamma_out.double().log(), torch.ones_like(gamma_in, dtype=torch.float64))
                      + gamma_in.double().log().unsqueeze(0) + log_scale)
-        sgd_update_(weight, grad, momentum_buffer, (log_kappa * (2.0 / p)).exp(), lr, momentum, dampening,
-                    weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+        sgd_update_(weight, grad, momentum_buffer, (log_kappa * (2.0 / p)).exp(), sgd)
     return gamma_prev
 
 
 def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
                       biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
                       bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
-                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, first_step: bool, eps: float, clamp_min: Optional[float],
-                      clamp_max: Optional[float], lr_tensor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
     """The Path-SGD step of a chain of dense layers ``y = W_l x + b_l`` (every weight and the biases
     of ``bias_layers`` updated), composed of the per-layer ops:
 
@@ -174,8 +169,6 @@ def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_
 
     Returns the gamma_out at the chain input (``|W|^pT`` products of the old weights).
     """
-    hyper = (p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
-             lr_tensor)
     bias_of = dict(zip(bias_layers, biases))
     first, last = weights[0], weights[-1]
     if gamma0 is None:
@@ -192,24 +185,20 @@ def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_
         if index in bias_of:
             kappas[index] = gamma_out[0].double() * gamma_out[1].exp()
         w = weights[index]
-        buffer = weight_buffers[index] if momentum != 0 else None
+        buffer = weight_buffers[index] if sgd.momentum != 0 else None
         (v_in, s_in), (v_out, s_out) = gamma_in[index], gamma_out
         gamma_out = fused_dense_step_(w, weight_grads[index], buffer, v_in.to(opmath_dtype(w.dtype)), s_in,
-                                      v_out.to(opmath_dtype(w.dtype)), s_out, *hyper)
-    scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], *hyper)
+                                      v_out.to(opmath_dtype(w.dtype)), s_out, p, sgd)
+    scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], p, sgd)
     return gamma_out
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
-                       kappas: List[Tensor], p: float, lr: float, momentum: float, dampening: float,
-                       weight_decay: float, nesterov: bool, maximize: bool, first_step: bool, eps: float,
-                       clamp_min: Optional[float], clamp_max: Optional[float],
-                       lr_tensor: Optional[Tensor] = None) -> None:
+                       kappas: List[Tensor], p: float, sgd: SgdParams) -> None:
     """Path-SGD update of each param with its materialized float64 ``kappa``."""
     for i, (param, grad, kappa) in enumerate(zip(params, grads, kappas)):
-        buf = momentum_buffers[i] if momentum != 0 else None
-        sgd_update_(param, grad, buf, kappa_pow(kappa, p), lr, momentum, dampening, weight_decay, nesterov,
-                    maximize, first_step, eps, clamp_min, clamp_max, lr_tensor)
+        buf = momentum_buffers[i] if sgd.momentum != 0 else None
+        sgd_update_(param, grad, buf, kappa_pow(kappa, p), sgd)
 
 
 def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:

@@ -29,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import pathsgd
 from pathsgd import ops
 from pathsgd.graph import unwrap_model
+from pathsgd.sgd_params import SgdParams
 
 F64 = torch.float64
 
@@ -716,15 +717,15 @@ def test_opcheck_half_dtypes(dtype):
     w2, g2, buf2 = (torch.randn(2, 5, generator=gen).to(dtype) for _ in range(3))
     samples = [
         ("gamma_forward", (w, b, gi, s, 2.0)),
-        ("fused_dense_step_", (w.clone(), g, buf.clone(), gi, s, go, s.clone(), 2.0, 0.1, 0.9, 0.0, 0.0, False,
-                               False, False, 1e-12, -1.0, 1.0, None)),
+        ("fused_dense_step_", (w.clone(), g, buf.clone(), gi, s, go, s.clone(), 2.0,
+                               SgdParams(0.1, 0.9, eps=1e-12, clamp_min=-1.0, clamp_max=1.0).packed(), None)),
         ("scaled_sgd_update_", ([w.clone(), b.clone()], [g, b.clone()], [buf.clone(), b.clone()],
                                 [torch.rand(5, 3, generator=gen, dtype=F64), torch.rand(5, generator=gen, dtype=F64)],
-                                1.5, 0.1, 0.9, 0.0, 0.0, False, False, False, 1e-12, None, None, torch.tensor(0.1))),
+                                1.5, SgdParams(0.0, 0.9, eps=1e-12).packed(), torch.tensor(0.1))),
         ("clamp_", ([w.clone(), b.clone()], -0.1, 0.1)),
         ("dense_chain_step_", ([w.clone(), w2.clone()], [g, g2], [buf.clone(), buf2.clone()], [b.clone()], [b.clone()],
-                               [b.clone()], [0], None, None, 2.0, 0.1, 0.9, 0.0, 0.01, True, False, False, 1e-12,
-                               None, 1.0, None)),
+                               [b.clone()], [0], None, None, 2.0,
+                               SgdParams(0.1, 0.9, 0.0, 0.01, True, eps=1e-12, clamp_max=1.0).packed(), None)),
     ]
     # abs_pow_vjp works on the float64 abs-pow network whatever the parameters' dtype.
     assert {n for n, _ in samples} == set(ops._OP_NAMES) - {"abs_pow_vjp"}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pathsgd import ops, reference
+from pathsgd.sgd_params import SgdParams
 
 F64 = torch.float64
 
@@ -101,21 +102,31 @@ class Chain:
         h = self.h
         momentum = h["momentum"] != 0
         to = lambda ts: [t.clone().to(device) for t in ts]  # noqa: E731
-        lo, hi = h["clamp"] if h["clamp"] else (None, None)
-        lr_tensor = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else None
+        sgd = self.sgd(device)
         return (to(self.weights), to(self.grads), to(self.buffers) if momentum else [], to(self.biases),
                 to(self.bias_grads), to(self.bias_buffers) if momentum else [], list(self.bias_layers),
                 None if self.gamma0 is None else self.gamma0.to(device),
-                None if self.gamma0 is None else self.gamma0_log_scale.to(device), self.p, 0.0 if h["lr_tensor"]
-                else 0.05, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
-                h["first_step"], 1e-3, lo, hi, lr_tensor)
+                None if self.gamma0 is None else self.gamma0_log_scale.to(device), self.p, sgd.packed(),
+                sgd.lr_tensor)
+
+    def sgd(self, device: str) -> SgdParams:
+        h = self.h
+        lo, hi = h["clamp"] if h["clamp"] else (None, None)
+        lr = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else 0.05
+        return SgdParams(lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
+                         h["first_step"], 1e-3, lo, hi)
+
+
+def twin(*args):
+    """reference.dense_chain_step_ called with an op's arguments (its SgdParams unpacked)."""
+    return reference.dense_chain_step_(*args[:-2], SgdParams.unpack(args[-2], args[-1]))
 
 
 def per_layer(ns):
     """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h."""
     def run(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s,
             p, *hyper):
-        momentum = hyper[1] != 0
+        momentum = hyper[0][1] != 0
         opm = lambda w: reference.opmath_dtype(w.dtype)  # noqa: E731
         bias_of = dict(zip(bias_layers, biases))
         first, last = weights[0], weights[-1]
@@ -176,7 +187,7 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
     for i, (a, b) in enumerate(zip(_state(got_args) + list(got), _state(layered_args) + list(layered))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops"
     # 2. the pure-PyTorch twin (and the CPU kernels, for CUDA kernels): close
-    others = [("reference", reference.dense_chain_step_, device)]
+    others = [("reference", twin, device)]
     if name != "cpu":
         others.append(("cpu", torch.ops.pathsgd.dense_chain_step_.default, "cpu"))
     for other_name, fn, other_device in others:
@@ -224,6 +235,12 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
         (dict(gamma0=torch.ones(12, device=device), gamma0_log_scale=torch.zeros((), dtype=F64, device=device)),
          "gamma0"),
         (dict(weights=[]), "at least one layer"),
+        # a bad tensor of the FIRST layer: found before the layers behind it (updated first) change
+        (dict(weight_grads=[args[1][0][:, :5], *args[1][1:]]), "weight grad 0"),
+        (dict(weight_grads=[args[1][0].double(), *args[1][1:]]), "weight grad 0"),
+        (dict(weight_buffers=[args[2][0].t().contiguous().t(), *args[2][1:]]), "weight momentum buffer 0"),
+        (dict(bias_grads=[args[4][0].double(), args[4][1]]), "bias grad 0"),
+        (dict(bias_buffers=[args[5][0][:3], args[5][1]]), "bias momentum buffer 0"),
     ]
     for changes, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
@@ -253,11 +270,10 @@ def test_dense_chain_step_subnormal_gammas_stay_finite(target, with_bias):
     biases = [torch.tensor([1e-250], dtype=F64)] if with_bias else []
     args = lambda dev: ([w.clone().to(dev) for w in weights], [g.to(dev) for g in grads], [],  # noqa: E731
                         [b.clone().to(dev) for b in biases], [torch.full_like(b, 0.1).to(dev) for b in biases], [],
-                        [0] if with_bias else [], None, None, 1.5, 0.5, 0.0, 0.0, 0.0, False, False, False, 1e-12,
-                        None, None, None)
+                        [0] if with_bias else [], None, None, 1.5, SgdParams(0.5, eps=1e-12).packed(), None)
     got_args, want_args = args(device), args(device)
     ns.dense_chain_step_.default(*got_args)
-    reference.dense_chain_step_(*want_args)
+    twin(*want_args)
     for a, b in zip(_state(got_args), _state(want_args)):
         assert torch.isfinite(a).all(), a
         assert_close(a, b, F64, "state vs reference")
@@ -273,7 +289,7 @@ def test_cpu_and_cuda_kernels_share_their_argument_checks(target):
     cpu = torch.ops.pathsgd
     w, g = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
     gin, gout, s = torch.ones(4, dtype=F64), torch.ones(3, dtype=F64), torch.zeros((), dtype=F64)
-    hyper = (0.1, 0.9, 0.0, 0.0, False, False, False, 1e-12, None, None, None)
+    hyper = (SgdParams(0.1, 0.9, eps=1e-12).packed(), None)
     cases = [
         ("gamma_forward", lambda dev: (w.to(dev), None, torch.ones(5, dtype=F64, device=dev), s.to(dev), 2.0)),
         ("gamma_forward", lambda dev: (w.to(dev), torch.ones(2, dtype=F64, device=dev), gin.to(dev), s.to(dev), 2.0)),
@@ -287,6 +303,12 @@ def test_cpu_and_cuda_kernels_share_their_argument_checks(target):
                                            *hyper)),
         ("scaled_sgd_update_", lambda dev: ([w.to(dev)], [g.to(dev)], [], [torch.ones(3, 4, device=dev)], 2.0,
                                             *hyper)),
+        ("fused_dense_step_", lambda dev: (w.to(dev), g.to(dev), None, gin.to(dev), s.to(dev), gout.to(dev),
+                                           s.to(dev), 2.0, [0.1, 0.0], None)),
+        ("scaled_sgd_update_", lambda dev: ([w.to(dev)], [g.to(dev)], [], [torch.ones(3, 4, dtype=F64, device=dev)],
+                                            2.0, [0.1], None)),
+        ("clamp_", lambda dev: ([torch.zeros(3, dtype=torch.int64, device=dev)], -1.0, 1.0)),
+        ("clamp_", lambda dev: ([w.to(dev)], 1.0, -1.0)),
     ]
     for name, make in cases:
         messages = []

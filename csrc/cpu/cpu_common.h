@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels: argument checks, hyper-parameter packing,
+// Helpers shared by the CPU kernels: hyper-parameters with a CPU lr tensor, dispatch helpers,
 // and the at::vec specialization of MathOps.
 #pragma once
 
@@ -30,14 +30,10 @@ struct MathOps<at::vec::Vectorized<S>> {
 // at::parallel_for overhead is negligible.
 constexpr int64_t kElementGrain = 32768;
 
+// On CPU a tensor lr costs no device synchronization to read.
 template <typename S>
-SgdParams<S> make_sgd_params(double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
-                             double dampening, double weight_decay, bool nesterov, bool maximize,
-                             bool first_step, double eps, std::optional<double> clamp_min,
-                             std::optional<double> clamp_max) {
-  // On CPU a tensor lr costs no device synchronization to read.
-  return make_sgd_params<S>(lr_tensor.has_value() ? lr_tensor->item<double>() : lr, momentum, dampening,
-                            weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max);
+SgdParams<S> make_sgd_params(const SgdArgs& a, const std::optional<at::Tensor>& lr_tensor) {
+  return make_sgd_params<S>(a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr);
 }
 
 // Calls fn with the PowKind of p as a compile-time constant.
@@ -62,9 +58,7 @@ void dispatch_sgd_variant(const SgdParams<S>& h, Fn&& fn) {
 
 // The multi-tensor update with materialized kappa (csrc/cpu/multi_tensor_kernels.cpp).
 void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                           at::TensorList kappas, double p, double lr, double momentum, double dampening,
-                           double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-                           std::optional<double> clamp_min, std::optional<double> clamp_max,
+                           at::TensorList kappas, double p, at::ArrayRef<double> sgd,
                            const std::optional<at::Tensor>& lr_tensor);
 
 // Runs fn on a contiguous version of `t` and writes the result back when `t`

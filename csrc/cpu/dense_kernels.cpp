@@ -291,14 +291,14 @@ int64_t row_block_count(int64_t rows, int64_t cols) {
 std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
     at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& momentum_buffer,
     const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale, const at::Tensor& gamma_out,
-    const at::Tensor& gamma_out_log_scale, double p, double lr, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
-    std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
+    const at::Tensor& gamma_out_log_scale, double p, at::ArrayRef<double> sgd,
+    const std::optional<at::Tensor>& lr_tensor) {
+  const SgdArgs a = checks::sgd_args(sgd, "fused_dense_step_");
   checks::fused_dense_step_args(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
-                                gamma_out_log_scale, p, momentum);
+                                gamma_out_log_scale, p, a.momentum);
   const int64_t rows = weight.size(0), cols = weight.size(1);
   const bool update = grad.has_value();
-  const bool use_buffer = update && momentum != 0.0;
+  const bool use_buffer = update && a.momentum != 0.0;
   const at::Tensor gin = gamma_in.contiguous();
   const at::Tensor gout = gamma_out.contiguous();
   at::Tensor y = at::empty({cols}, gamma_in.options());
@@ -312,10 +312,9 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
       std::optional<KappaPowFactors<opmath_t>> kappa;
       SgdParams<opmath_t> h;
       if (update) {
-        h = make_sgd_params<opmath_t>(lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
-                                      first_step, eps, clamp_min, clamp_max);
+        h = make_sgd_params<opmath_t>(a, lr_tensor);
         kappa.emplace(go, rows, gi, cols, gamma_in_log_scale.item<double>() + gamma_out_log_scale.item<double>(), p,
-                      eps);
+                      a.eps);
       }
       scalar_t* W = w.mutable_data_ptr<scalar_t>();
       const scalar_t* G = update ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -361,13 +360,10 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
 std::tuple<at::Tensor, at::Tensor> dense_chain_step_cpu(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
     at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p, double lr,
-    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-    std::optional<double> clamp_min, std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
-  const SgdArgs a{p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
-                  lr_tensor};
+    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
+    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor) {
   return dense_chain_step(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                          gamma0, gamma0_log_scale, a, gamma_forward_cpu, fused_dense_step_cpu,
+                          gamma0, gamma0_log_scale, p, sgd, lr_tensor, gamma_forward_cpu, fused_dense_step_cpu,
                           scaled_sgd_update_cpu);
 }
 

@@ -66,17 +66,15 @@ void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at
 }  // namespace
 
 void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                           at::TensorList kappas, double p, double lr, double momentum, double dampening,
-                           double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-                           std::optional<double> clamp_min, std::optional<double> clamp_max,
+                           at::TensorList kappas, double p, at::ArrayRef<double> sgd,
                            const std::optional<at::Tensor>& lr_tensor) {
-  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, momentum);
-  const bool use_buffer = momentum != 0.0;
+  const SgdArgs a = checks::sgd_args(sgd, "scaled_sgd_update_");
+  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, a.momentum);
+  const bool use_buffer = a.momentum != 0.0;
   for (size_t i = 0; i < params.size(); ++i) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[i].scalar_type(), "scaled_sgd_update_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto h = make_sgd_params<opmath_t>(lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize,
-                                               first_step, eps, clamp_min, clamp_max);
+      const auto h = make_sgd_params<opmath_t>(a, lr_tensor);
       scaled_update_one<scalar_t>(params[i], grads[i], use_buffer ? &momentum_buffers[i] : nullptr, kappas[i], p, h);
     });
   }
@@ -85,7 +83,7 @@ void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
 namespace {
 
 void clamp_cpu(at::TensorList tensors, double lo, double hi) {
-  TORCH_CHECK(lo <= hi, "pathsgd.clamp_: lo must be <= hi, got lo=", lo, ", hi=", hi);
+  checks::clamp_args(tensors, lo, hi);
   for (const at::Tensor& t : tensors) {
     with_contiguous(t, [&](const at::Tensor& c) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "clamp_cpu", [&] {

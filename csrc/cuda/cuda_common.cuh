@@ -34,9 +34,7 @@ struct DeviceScalar {
 
 // The multi-tensor update with materialized kappa (csrc/cuda/multi_tensor_kernels.cu).
 void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                            at::TensorList kappas, double p, double lr, double momentum, double dampening,
-                            double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-                            std::optional<double> clamp_min, std::optional<double> clamp_max,
+                            at::TensorList kappas, double p, at::ArrayRef<double> sgd,
                             const std::optional<at::Tensor>& lr_tensor);
 
 inline void check_cuda_tensor(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {

@@ -414,12 +414,12 @@ void launch_fused_tiles(bool aligned, dim3 grid, cudaStream_t stream, scalar_t* 
 std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
     at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& momentum_buffer,
     const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale, const at::Tensor& gamma_out,
-    const at::Tensor& gamma_out_log_scale, double p, double lr, double momentum, double dampening,
-    double weight_decay, bool nesterov, bool maximize, bool first_step, double eps, std::optional<double> clamp_min,
-    std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
+    const at::Tensor& gamma_out_log_scale, double p, at::ArrayRef<double> sgd,
+    const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* op = "fused_dense_step_";
+  const SgdArgs a = checks::sgd_args(sgd, op);
   checks::fused_dense_step_args(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
-                                gamma_out_log_scale, p, momentum);
+                                gamma_out_log_scale, p, a.momentum);
   TORCH_CHECK(weight.is_cuda(), "pathsgd.fused_dense_step_: weight must be a CUDA tensor, got ", weight.device());
   const at::Device device = weight.device();
   const int64_t rows = weight.size(0), cols = weight.size(1);
@@ -429,13 +429,13 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
   check_log_scale(gamma_in_log_scale, device, op, "gamma_in_log_scale");
   check_log_scale(gamma_out_log_scale, device, op, "gamma_out_log_scale");
   const bool update = grad.has_value();
-  const bool use_buffer = update && momentum != 0.0;
+  const bool use_buffer = update && a.momentum != 0.0;
   if (update) check_cuda_tensor(*grad, device, op, "grad");
   if (use_buffer) check_cuda_tensor(*momentum_buffer, device, op, "momentum_buffer");
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   at::Tensor lr_holder;
-  const DeviceScalar lr_scalar = update ? lr_arg(lr, lr_tensor, device, op, lr_holder) : DeviceScalar{};
+  const DeviceScalar lr_scalar = update ? lr_arg(a.lr, lr_tensor, device, op, lr_holder) : DeviceScalar{};
   const DeviceScalar s_in = log_scale_arg(gamma_in_log_scale);
   const DeviceScalar s_out = log_scale_arg(gamma_out_log_scale);
   const at::Tensor gin = gamma_in.contiguous();
@@ -459,8 +459,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
         KappaFactorsDev<opmath_t> kappa;
         SgdParams<opmath_t> h;
         if (update) {
-          h = make_sgd_params<opmath_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps,
-                                        clamp_min, clamp_max);
+          h = make_sgd_params<opmath_t>(a, a.lr);
           row_scale = at::empty({rows}, gamma_out.options());
           col_scale = at::empty({cols}, gamma_in.options());
           logs = at::empty({rows + cols}, gamma_in.options().dtype(at::kDouble));
@@ -471,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
               go, gi, row_scale.mutable_data_ptr<opmath_t>(), col_scale.mutable_data_ptr<opmath_t>(),
               logs.mutable_data_ptr<double>(), logs.mutable_data_ptr<double>() + rows,
               exact_flag.mutable_data_ptr<int>(), rows, cols, 2.0 / p, s_in, s_out,
-              eps > 0 ? std::log(eps) : -INFINITY, log_limit);
+              a.eps > 0 ? std::log(a.eps) : -INFINITY, log_limit);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           kappa = {row_scale.const_data_ptr<opmath_t>(), col_scale.const_data_ptr<opmath_t>(),
                    logs.const_data_ptr<double>(), logs.const_data_ptr<double>() + rows,
@@ -520,16 +519,13 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
 std::tuple<at::Tensor, at::Tensor> dense_chain_step_cuda(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
     at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p, double lr,
-    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-    std::optional<double> clamp_min, std::optional<double> clamp_max, const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
+    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor) {
   TORCH_CHECK(!weights.empty(), "pathsgd.dense_chain_step_: needs at least one layer");
   check_cuda_tensor(weights[0], weights[0].device(), "dense_chain_step_", "weights[0]");
   const c10::cuda::CUDAGuard guard(weights[0].device());  // the chain's own small tensors and ops
-  const SgdArgs a{p, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, eps, clamp_min, clamp_max,
-                  lr_tensor};
   return dense_chain_step(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                          gamma0, gamma0_log_scale, a, gamma_forward_cuda, fused_dense_step_cuda,
+                          gamma0, gamma0_log_scale, p, sgd, lr_tensor, gamma_forward_cuda, fused_dense_step_cuda,
                           scaled_sgd_update_cuda);
 }
 

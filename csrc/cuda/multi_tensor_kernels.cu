@@ -2,11 +2,12 @@
 // kappa (convolution weights, biases) and clamp_ (WGAN weight clipping).
 // Same semantics as csrc/cpu/multi_tensor_kernels.cpp.
 //
-// Launch scheme (MultiTensorApply style, as in apex / torch's foreach kernels):
+// Launch scheme (apex's multi_tensor_apply with functors, as torch's foreach kernels):
 // tensors of one dtype are cut into chunks of kChunkSize elements; one block
 // handles one chunk; the pointers, sizes and the block -> (tensor, chunk) map
 // travel in a kernel argument (TensorListMeta, < 4 KB), so many small tensors
-// cost one launch per kMaxTensors tensors / kMaxBlocks chunks. Element-wise
+// cost one launch per kMaxTensors tensors / kMaxBlocks chunks. The one launcher
+// kernel decodes the chunk; each op is a functor over its chunk. Element-wise
 // only: there is no reduction, so results are trivially deterministic.
 #include <array>
 #include <cmath>
@@ -31,14 +32,58 @@ struct TensorListMeta {
   int64_t sizes[kMaxTensors];
   int32_t block_to_tensor[kMaxBlocks];
   int32_t block_to_chunk[kMaxBlocks];
+  int32_t element_bytes[kDepth];  // of each list (its tensors share one dtype)
 };
 static_assert(sizeof(TensorListMeta<4>) <= 4000, "kernel argument must stay below 4 KB");
 
-// Calls launch(meta, num_blocks) for batches of `lists` (each entry: kDepth
-// contiguous tensors of the same numel, nullptr-able slots as undefined tensors).
-template <int kDepth, typename Launch>
-void multi_tensor_apply(const std::vector<std::array<at::Tensor, kDepth>>& lists, Launch&& launch) {
+// One block's share of the lists, decoded once by multi_tensor_apply_kernel: the kDepth pointers
+// at the chunk's first element (nullptr for an absent tensor) and the chunk's length.
+template <int kDepth>
+struct Chunk {
+  void* ptrs[kDepth];
+  int64_t n;
+
+  template <typename T>
+  __device__ __forceinline__ T* get(int d) const {
+    return static_cast<T*>(ptrs[d]);
+  }
+};
+
+// The one kernel of every multi-tensor op (apex's multi_tensor_apply): block -> (tensor, chunk),
+// then the functor's element-wise body over that chunk.
+template <int kDepth, typename Functor, typename... Args>
+__global__ void __launch_bounds__(kBlockThreads)
+    multi_tensor_apply_kernel(TensorListMeta<kDepth> meta, Functor functor, Args... args) {
+  const int tensor = meta.block_to_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+  const int64_t left = meta.sizes[tensor] - begin;
+  Chunk<kDepth> chunk;
+  chunk.n = left < kChunkSize ? left : kChunkSize;
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    char* base = static_cast<char*>(meta.ptrs[d][tensor]);
+    chunk.ptrs[d] = base == nullptr ? nullptr : base + begin * meta.element_bytes[d];
+  }
+  functor(chunk, args...);
+}
+
+// Launches multi_tensor_apply_kernel<Functor> over `lists` (each entry: kDepth contiguous tensors
+// of the same numel; an undefined tensor is an absent slot), in batches of at most kMaxTensors
+// tensors and kMaxBlocks chunks per launch.
+template <int kDepth, typename Functor, typename... Args>
+void multi_tensor_apply(const std::vector<std::array<at::Tensor, kDepth>>& lists, cudaStream_t stream,
+                        Functor functor, Args... args) {
   TensorListMeta<kDepth> meta;
+  for (int d = 0; d < kDepth; ++d) meta.element_bytes[d] = 0;
+  for (const auto& entry : lists) {
+    for (int d = 0; d < kDepth; ++d) {
+      if (entry[d].defined()) meta.element_bytes[d] = static_cast<int32_t>(entry[d].element_size());
+    }
+  }
+  const auto launch = [&](int nblocks) {
+    multi_tensor_apply_kernel<kDepth><<<nblocks, kBlockThreads, 0, stream>>>(meta, functor, args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
   int ntensors = 0, nblocks = 0;
   for (const auto& entry : lists) {
     const int64_t n = entry[0].numel();
@@ -56,7 +101,7 @@ void multi_tensor_apply(const std::vector<std::array<at::Tensor, kDepth>>& lists
       ++nblocks;
       const bool last_chunk = c == chunks - 1;
       if (nblocks == kMaxBlocks || (ntensors == kMaxTensors && last_chunk)) {
-        launch(meta, nblocks);
+        launch(nblocks);
         nblocks = 0;
         if (last_chunk) {
           ntensors = 0;
@@ -70,108 +115,104 @@ void multi_tensor_apply(const std::vector<std::array<at::Tensor, kDepth>>& lists
       }
     }
   }
-  if (nblocks > 0) launch(meta, nblocks);
+  if (nblocks > 0) launch(nblocks);
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0;
 }
 
-// ptrs: 0 param, 1 grad, 2 momentum buffer (or nullptr), 3 kappa (float64).
+// Chunk slots: 0 param, 1 grad, 2 momentum buffer (or nullptr), 3 kappa (float64).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    scaled_update_kernel(TensorListMeta<4> meta, SgdParams<at::opmath_type<scalar_t>> h, DeviceScalar lr, double e) {
+struct ScaledUpdateFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int VEC = vec_size<scalar_t>();
-  const int tensor = meta.block_to_tensor[blockIdx.x];
-  const int64_t n = meta.sizes[tensor];
-  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
-  scalar_t* __restrict__ W = static_cast<scalar_t*>(meta.ptrs[0][tensor]);
-  const scalar_t* __restrict__ G = static_cast<const scalar_t*>(meta.ptrs[1][tensor]);
-  scalar_t* __restrict__ B = static_cast<scalar_t*>(meta.ptrs[2][tensor]);
-  const double* __restrict__ K = static_cast<const double*>(meta.ptrs[3][tensor]);
-  const SgdParams<opmath_t> hh = with_lr(h, lr);
-  const bool read_buf = B != nullptr && !hh.first_step;
-  const bool aligned = aligned16(W) && aligned16(G) && aligned16(B) && aligned16(K);
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end;
-       i += static_cast<int64_t>(blockDim.x) * VEC) {
-    opmath_t wv[VEC], gv[VEC], bv[VEC];
-    double kv[VEC];
-    // Element-wise: the vector and scalar paths compute the same values.
-    const bool vec = aligned && i + VEC <= end;
-    if (vec) {
-      load_chunk<true, VEC>(W, i, end, wv);
-      load_chunk<true, VEC>(G, i, end, gv);
-      load_chunk<true, VEC>(K, i, end, kv);
-      if (read_buf) load_chunk<true, VEC>(B, i, end, bv);
-    } else {
-      load_chunk<false, VEC>(W, i, end, wv);
-      load_chunk<false, VEC>(G, i, end, gv);
-      load_chunk<false, VEC>(K, i, end, kv);
-      if (read_buf) load_chunk<false, VEC>(B, i, end, bv);
-    }
-    if (!read_buf) {
+
+  __device__ __forceinline__ void operator()(const Chunk<4>& chunk, SgdParams<opmath_t> h, DeviceScalar lr,
+                                             double e) const {
+    constexpr int VEC = vec_size<scalar_t>();
+    const int64_t n = chunk.n;
+    scalar_t* __restrict__ W = chunk.get<scalar_t>(0);
+    const scalar_t* __restrict__ G = chunk.get<scalar_t>(1);
+    scalar_t* __restrict__ B = chunk.get<scalar_t>(2);
+    const double* __restrict__ K = chunk.get<double>(3);
+    const SgdParams<opmath_t> hh = with_lr(h, lr);
+    const bool read_buf = B != nullptr && !hh.first_step;
+    const bool aligned = aligned16(W) && aligned16(G) && aligned16(B) && aligned16(K);
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < n; i += static_cast<int64_t>(blockDim.x) * VEC) {
+      opmath_t wv[VEC], gv[VEC], bv[VEC];
+      double kv[VEC];
+      // Element-wise: the vector and scalar paths compute the same values.
+      const bool vec = aligned && i + VEC <= n;
+      if (vec) {
+        load_chunk<true, VEC>(W, i, n, wv);
+        load_chunk<true, VEC>(G, i, n, gv);
+        load_chunk<true, VEC>(K, i, n, kv);
+        if (read_buf) load_chunk<true, VEC>(B, i, n, bv);
+      } else {
+        load_chunk<false, VEC>(W, i, n, wv);
+        load_chunk<false, VEC>(G, i, n, gv);
+        load_chunk<false, VEC>(K, i, n, kv);
+        if (read_buf) load_chunk<false, VEC>(B, i, n, bv);
+      }
+      if (!read_buf) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) bv[k] = opmath_t(0);
-    }
+        for (int k = 0; k < VEC; ++k) bv[k] = opmath_t(0);
+      }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      // kappa^(2/p) in float64: kappa may exceed the parameter's range.
-      const double kp = e == 1.0 ? kv[k] : ::pow(kv[k], e);
-      wv[k] = path_sgd_element(wv[k], gv[k], bv[k], static_cast<opmath_t>(kp), hh);
-    }
-    if (vec) {
-      store_chunk<true, VEC>(W, i, end, wv);
-      if (B != nullptr) store_chunk<true, VEC>(B, i, end, bv);
-    } else {
-      store_chunk<false, VEC>(W, i, end, wv);
-      if (B != nullptr) store_chunk<false, VEC>(B, i, end, bv);
+      for (int k = 0; k < VEC; ++k) {
+        // kappa^(2/p) in float64: kappa may exceed the parameter's range.
+        const double kp = e == 1.0 ? kv[k] : ::pow(kv[k], e);
+        wv[k] = path_sgd_element(wv[k], gv[k], bv[k], static_cast<opmath_t>(kp), hh);
+      }
+      if (vec) {
+        store_chunk<true, VEC>(W, i, n, wv);
+        if (B != nullptr) store_chunk<true, VEC>(B, i, n, bv);
+      } else {
+        store_chunk<false, VEC>(W, i, n, wv);
+        if (B != nullptr) store_chunk<false, VEC>(B, i, n, bv);
+      }
     }
   }
-}
+};
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    clamp_kernel(TensorListMeta<1> meta, at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+struct ClampFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
-  using M = MathOps<opmath_t>;
-  constexpr int VEC = vec_size<scalar_t>();
-  const int tensor = meta.block_to_tensor[blockIdx.x];
-  const int64_t n = meta.sizes[tensor];
-  const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-  const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
-  scalar_t* __restrict__ X = static_cast<scalar_t*>(meta.ptrs[0][tensor]);
-  const bool aligned = aligned16(X);
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end;
-       i += static_cast<int64_t>(blockDim.x) * VEC) {
-    opmath_t v[VEC];
-    const bool vec = aligned && i + VEC <= end;
-    if (vec) {
-      load_chunk<true, VEC>(X, i, end, v);
-    } else {
-      load_chunk<false, VEC>(X, i, end, v);
-    }
+
+  __device__ __forceinline__ void operator()(const Chunk<1>& chunk, opmath_t lo, opmath_t hi) const {
+    using M = MathOps<opmath_t>;
+    constexpr int VEC = vec_size<scalar_t>();
+    const int64_t n = chunk.n;
+    scalar_t* __restrict__ X = chunk.get<scalar_t>(0);
+    const bool aligned = aligned16(X);
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < n; i += static_cast<int64_t>(blockDim.x) * VEC) {
+      opmath_t v[VEC];
+      const bool vec = aligned && i + VEC <= n;
+      if (vec) {
+        load_chunk<true, VEC>(X, i, n, v);
+      } else {
+        load_chunk<false, VEC>(X, i, n, v);
+      }
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = M::min_keep_nan(M::max_keep_nan(v[k], lo), hi);
-    if (vec) {
-      store_chunk<true, VEC>(X, i, end, v);
-    } else {
-      store_chunk<false, VEC>(X, i, end, v);
+      for (int k = 0; k < VEC; ++k) v[k] = M::min_keep_nan(M::max_keep_nan(v[k], lo), hi);
+      if (vec) {
+        store_chunk<true, VEC>(X, i, n, v);
+      } else {
+        store_chunk<false, VEC>(X, i, n, v);
+      }
     }
   }
-}
+};
 
 }  // namespace
 
 void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                            at::TensorList kappas, double p, double lr, double momentum, double dampening,
-                            double weight_decay, bool nesterov, bool maximize, bool first_step, double eps,
-                            std::optional<double> clamp_min, std::optional<double> clamp_max,
+                            at::TensorList kappas, double p, at::ArrayRef<double> sgd,
                             const std::optional<at::Tensor>& lr_tensor) {
   constexpr const char* op = "scaled_sgd_update_";
-  const bool use_buffer = momentum != 0.0;
-  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, momentum);
+  const SgdArgs a = checks::sgd_args(sgd, op);
+  const bool use_buffer = a.momentum != 0.0;
+  checks::scaled_sgd_update_args(params, grads, momentum_buffers, kappas, p, a.momentum);
   if (params.empty()) return;
   TORCH_CHECK(params[0].is_cuda(), "pathsgd.scaled_sgd_update_: params must be CUDA tensors, got ",
               params[0].device());
@@ -191,7 +232,7 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   at::Tensor lr_holder;
-  const DeviceScalar lr_scalar = lr_arg(lr, lr_tensor, device, op, lr_holder);
+  const DeviceScalar lr_scalar = lr_arg(a.lr, lr_tensor, device, op, lr_holder);
 
   // Contiguous views (copies for non-contiguous params, written back at the end), grouped by dtype.
   std::map<at::ScalarType, std::vector<std::array<at::Tensor, 4>>> groups;
@@ -210,12 +251,8 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
     const auto& lists = group.second;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "scaled_sgd_update_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto h = make_sgd_params<opmath_t>(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-                                               eps, clamp_min, clamp_max);
-      multi_tensor_apply<4>(lists, [&](const TensorListMeta<4>& meta, int nblocks) {
-        scaled_update_kernel<scalar_t><<<nblocks, kBlockThreads, 0, stream>>>(meta, h, lr_scalar, e);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      const auto h = make_sgd_params<opmath_t>(a, a.lr);
+      multi_tensor_apply<4>(lists, stream, ScaledUpdateFunctor<scalar_t>{}, h, lr_scalar, e);
     });
   }
   for (auto& [param, copy] : write_back) param.copy_(copy);
@@ -224,7 +261,7 @@ void scaled_sgd_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
 namespace {
 
 void clamp_cuda(at::TensorList tensors, double lo, double hi) {
-  TORCH_CHECK(lo <= hi, "pathsgd.clamp_: lo must be <= hi, got lo=", lo, ", hi=", hi);
+  checks::clamp_args(tensors, lo, hi);
   if (tensors.empty()) return;
   TORCH_CHECK(tensors[0].is_cuda(), "pathsgd.clamp_: tensors must be CUDA tensors, got ", tensors[0].device());
   const at::Device device = tensors[0].device();
@@ -249,10 +286,7 @@ void clamp_cuda(at::TensorList tensors, double lo, double hi) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "clamp_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       const opmath_t l = static_cast<opmath_t>(lo), u = static_cast<opmath_t>(hi);
-      multi_tensor_apply<1>(lists, [&](const TensorListMeta<1>& meta, int nblocks) {
-        clamp_kernel<scalar_t><<<nblocks, kBlockThreads, 0, stream>>>(meta, l, u);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      multi_tensor_apply<1>(lists, stream, ClampFunctor<scalar_t>{}, l, u);
     });
   }
   for (auto& [t, copy] : write_back) t.copy_(copy);

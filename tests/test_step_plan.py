@@ -1,0 +1,156 @@
+"""The one-call step plan of a dense chain (functional.ChainStepPlan): after the first step, an MLP's
+``optimizer.step()`` is one ``pathsgd::dense_chain_step_`` call with no per-parameter Python objects.
+
+Every test runs a user's training loop twice, with the plan and with it switched off (the general
+path: per-parameter updates, the same op), and requires the same bits; and checks which path ran.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pathsgd
+from pathsgd import ops
+
+pytestmark = pytest.mark.skipif(not ops.has_kernel("cpu"), reason="the plan runs on the compiled kernels only")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 31)
+        self.fc2 = nn.Linear(31, 17)
+        self.fc3 = nn.Linear(17, 5)
+        self.dropout = nn.Dropout(0.25)
+
+    def forward(self, x):
+        x = self.dropout(F.relu(self.fc1(x)))
+        return F.log_softmax(self.fc3(F.relu(self.fc2(x))), dim=1)
+
+
+class Calls:
+    """Counts the general path's per-parameter collection and the chain op's calls."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.general = self.chain_op = 0
+        collect, chain_op = pathsgd.PathSGD._collect_updates, ops.dense_chain_step_
+
+        def counted_collect(opt):
+            self.general += 1
+            return collect(opt)
+
+        def counted_chain_op(*args, **kwargs):
+            self.chain_op += 1
+            return chain_op(*args, **kwargs)
+
+        monkeypatch.setattr(pathsgd.PathSGD, "_collect_updates", counted_collect)
+        monkeypatch.setattr(ops, "dense_chain_step_", counted_chain_op)
+
+
+def train(model, opt, steps, seed=0, between=None):
+    """The pytorch/examples MNIST loop on random data (a scheduler too); ``between(step)`` runs before each step."""
+    gen = torch.Generator().manual_seed(seed)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    model.train()
+    for step in range(steps):
+        x = torch.randn(16, 20, generator=gen).to(next(model.parameters()).dtype)
+        target = torch.randint(0, 5, (16,), generator=gen)
+        torch.manual_seed(seed + step)  # the same dropout masks in both runs
+        opt.zero_grad()
+        F.nll_loss(model(x), target).backward()
+        if between is not None:
+            between(step)
+        opt.step()
+        scheduler.step()
+
+
+def without_plan(opt):
+    opt._chain_plan = lambda: None
+    return opt
+
+
+def assert_same(a: nn.Module, b: nn.Module, opt_a, opt_b) -> None:
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name
+        if opt_a.defaults["momentum"]:
+            assert torch.equal(opt_a.state[x]["momentum_buffer"], opt_b.state[y]["momentum_buffer"]), name
+
+
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                   dict(momentum=0.0, clamp=0.3, p=3), dict(momentum=0.9, dampening=0.2, p=1)])
+def test_mlp_steps_are_one_op_call_and_match_the_general_path(monkeypatch, hyper):
+    torch.manual_seed(0)
+    model = Net()
+    twin = copy.deepcopy(model)
+    calls = Calls(monkeypatch)
+    opt = pathsgd.PathSGD(model, lr=0.05, **hyper)
+    train(model, opt, steps=6)
+    # momentum: the first step creates the buffers on the general path; then the plan, one op call a step
+    assert calls.general == (1 if hyper["momentum"] else 0), calls.general
+    assert calls.chain_op == 6
+    twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.05, **hyper))
+    train(twin, twin_opt, steps=6)
+    assert calls.general == 6 + (1 if hyper["momentum"] else 0)
+    assert_same(model, twin, opt, twin_opt)
+    assert not torch.equal(model.fc1.weight, Net().fc1.weight)
+
+
+def test_bad_gradient_gets_the_named_error_and_changes_nothing():
+    torch.manual_seed(1)
+    model = Net()
+    opt = pathsgd.PathSGD(model, lr=0.05, momentum=0.9)
+    train(model, opt, steps=2)
+    before = [t.clone() for t in model.parameters()]
+    buffers = [opt.state[t]["momentum_buffer"].clone() for t in model.parameters()]
+    model.fc1.weight.grad = model.fc1.weight.grad.to_sparse()  # the first layer: the chain op checks it first
+    with pytest.raises(RuntimeError, match="sparse gradients .*'fc1.weight'"):
+        opt.step()
+    for t, b, buf in zip(model.parameters(), before, buffers):
+        assert torch.equal(t, b)
+        assert torch.equal(opt.state[t]["momentum_buffer"], buf)
+
+
+def test_frozen_layer_and_cast_model_take_the_general_path_and_match(monkeypatch):
+    torch.manual_seed(2)
+    model = Net()
+    twin = copy.deepcopy(model)
+
+    def between(step, net):
+        if step == 2:
+            net.fc2.weight.grad = None  # a parameter without a gradient this step
+        if step == 3:
+            net.double()  # cast after momentum steps: the buffers follow, as in torch.optim.SGD
+
+    calls = Calls(monkeypatch)
+    opt = pathsgd.PathSGD(model, lr=0.05, momentum=0.9)
+    train(model, opt, steps=6, between=lambda s: between(s, model))
+    assert calls.general == 3  # first step, the missing gradient, the cast (dtypes then refused by the op)
+    twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.05, momentum=0.9))
+    train(twin, twin_opt, steps=6, between=lambda s: between(s, twin))
+    assert model.fc1.weight.dtype == torch.float64
+    assert opt.state[model.fc1.weight]["momentum_buffer"].dtype == torch.float64
+    assert_same(model, twin, opt, twin_opt)
+
+
+def test_no_plan_for_two_param_groups_or_a_replaced_parameter(monkeypatch):
+    torch.manual_seed(3)
+    model = Net()
+    calls = Calls(monkeypatch)
+    groups = [dict(params=[model.fc1.weight, model.fc1.bias], lr=0.01),
+              dict(params=[t for n, t in model.named_parameters() if not n.startswith("fc1")])]
+    opt = pathsgd.PathSGD(groups, lr=0.05, model=model)
+    train(model, opt, steps=3)
+    assert calls.general == 3
+    single = pathsgd.PathSGD(model, lr=0.05)
+    train(model, single, steps=2)
+    assert calls.general == 3
+    model.fc3.bias = nn.Parameter(model.fc3.bias.detach().clone())  # the optimizer holds the old one
+    with torch.no_grad():
+        old = single.param_groups[0]["params"][-1]
+        assert old is not model.fc3.bias
+    train(model, single, steps=1)
+    assert calls.general == 4
