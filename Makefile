@@ -2,7 +2,8 @@
 # make bench  - same set-up, then the benchmark suite (writes benchmarks/results/)
 # make test-cuda-emu - the CUDA kernels' tests on the CPU emulation of CUDA (no GPU needed):
 #               builds build/cuda-emu/libpathsgd_emu.so with $(CUDA_EMU_DIR)/build.sh (HIP-CPU;
-#               needs `apt-get install -y libtbb-dev`), runs tests/test_cuda_ops.py against it and
+#               needs `apt-get install -y libtbb-dev`), runs the cuda-emu cases of tests/test_kernels.py
+#               (its cpu cases run in `make test`) and tests/test_dense_chain_step.py against it, and
 #               the optimizer-level oracle tests with PATHSGD_BACKEND=cuda-emu
 # The extension is rebuilt when csrc/ or setup.py change (or after `make clean`); the
 # package itself is installed editable, so Python changes need no rebuild.
@@ -15,9 +16,10 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CUDA_EMU_DIR ?= ../shared/cuda-emu
 CUDA_EMU_LIB := build/cuda-emu/libpathsgd_emu.so
 # The optimizer-level tests that also run through the emulated CUDA kernels: SGD parity against
-# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism.
+# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism
+# (and test_kernels.py's opcheck of the emulated ops, whose fake kernels need PATHSGD_BACKEND=cuda-emu).
 CUDA_EMU_STEP_TESTS := sgd_parity or rescaling or clamp_matches_oracle or kappa_recomputed or \
-	deterministic_training or linear_in_dag or dense_head_step or kappa_every
+	deterministic_training or linear_in_dag or dense_head_step or kappa_every or one_op_call
 
 .PHONY: test bench build venv env clean cuda-emu test-cuda-emu
 
@@ -46,10 +48,11 @@ $(CUDA_EMU_LIB): $(BUILD_STAMP) $(shell find csrc -type f)
 cuda-emu: $(CUDA_EMU_LIB)
 
 test-cuda-emu: build $(CUDA_EMU_LIB)
-	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_cuda_ops.py tests/test_dense_chain_step.py
+	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_kernels.py tests/test_dense_chain_step.py \
+		-k "cuda or test_dense_chain_step.py"
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
 		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py tests/test_kappa_schedule.py \
-		-k "$(CUDA_EMU_STEP_TESTS)"
+		tests/test_step_plan.py tests/test_kernels.py -k "$(CUDA_EMU_STEP_TESTS) or (test_opcheck and cuda)"
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
