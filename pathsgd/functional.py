@@ -189,8 +189,6 @@ class ChainStepPlan:
 
     def __init__(self, chain: DenseChain, group: Dict[str, Any]) -> None:
         self.group = group
-        self.group_params = group["params"]
-        self.size = len(group["params"])
         self.weights = [layer.weight_param for layer in chain.layers]
         self.bias_layers = [i for i, layer in enumerate(chain.layers) if layer.bias_param is not None]
         self.biases = [chain.layers[i].bias_param for i in self.bias_layers]
@@ -198,9 +196,9 @@ class ChainStepPlan:
         self.slots += [(chain.layers[i].module._parameters, "bias", b) for i, b in zip(self.bias_layers, self.biases)]
         self.device_type = self.weights[0].device.type
 
-    def valid_for(self, group: Dict[str, Any]) -> bool:
-        return (group is self.group and group["params"] is self.group_params and len(group["params"]) == self.size
-                and all(params.get(name) is t for params, name, t in self.slots))
+    def params_in_place(self) -> bool:
+        """Every parameter of the plan is still the one its module holds (none was replaced)."""
+        return all(params.get(name) is t for params, name, t in self.slots)
 
     def step(self, state: Dict[Tensor, Any]) -> bool:
         group = self.group

@@ -273,9 +273,10 @@ class PathSGD(Optimizer):
         group = self.param_groups[0]
         if group["kappa_every"] != 1:
             return None
+        # A plan belongs to this group and its parameter list (it keeps the group alive, so its id is not reused).
         key = (id(group), id(group["params"]), len(group["params"]))
         if self._plan is None or self._plan[0] != key or (self._plan[1] is not None
-                                                          and not self._plan[1].valid_for(group)):
+                                                          and not self._plan[1].params_in_place()):
             self._plan = (key, self._new_chain_plan(group))
         return self._plan[1]
 
