@@ -53,17 +53,22 @@ def _build_cuda() -> bool:
 
 
 def _cpu_simd_flags() -> list:
-    """AVX2/FMA for at::vec when the build machine has them (PATHSGD_NO_AVX2=1 disables)."""
+    """The widest at::vec ISA the build machine has, as torch picks its own CPU kernels: AVX512 (F, BW, VL,
+    DQ: the set torch's AVX512 capability needs), else AVX2/FMA. PATHSGD_NO_AVX512=1 stops at AVX2,
+    PATHSGD_NO_AVX2=1 builds the portable default."""
     if _env_flag("PATHSGD_NO_AVX2") or platform.machine() not in ("x86_64", "AMD64"):
         return []
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
         return []
-    if " avx2" in flags and " fma" in flags:
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return []
+    if not _env_flag("PATHSGD_NO_AVX512") and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def _openmp_flags() -> list:

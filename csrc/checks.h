@@ -159,6 +159,8 @@ inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_
                 " must have shape [", weights[l].size(0), "], got ", biases[k].sizes());
     TORCH_CHECK(biases[k].device() == device, op, ": bias of layer ", l, " is on ", biases[k].device(),
                 ", weight 0 on ", device);
+    TORCH_CHECK(biases[k].scalar_type() == weights[l].scalar_type(), op, ": bias of layer ", l, " has dtype ",
+                biases[k].scalar_type(), ", its weight ", weights[l].scalar_type());
     like(bias_grads[k], biases[k], device, op, "bias grad", static_cast<int64_t>(k), false);
     if (momentum) like(bias_buffers[k], biases[k], device, op, "bias momentum buffer", static_cast<int64_t>(k), true);
   }

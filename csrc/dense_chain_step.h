@@ -1,9 +1,13 @@
 // The step plan of a dense chain (DESIGN.md section 2), written once for every backend: the
 // gamma forward over all layers, then the fused backward pass of every layer, output to input
 // (reads W, grad, momentum buffer once; accumulates gamma_out from the old weights; writes the
-// update), the bias kappas (gamma_out at each layer's output) and one multi-tensor bias update.
-// A backend instantiates it with its per-layer kernels (host functions that launch and never
-// synchronize), so a whole step is one op call.
+// update), the bias kappas (gamma_out at each layer's output) and the bias update. A whole step
+// is one op call.
+//
+// dense_chain_walk is the order of that step. A backend gives it the gammas' representation and the
+// per-layer steps (a `Chain` policy): TensorChain below runs the backend's per-layer op kernels on
+// small tensors (the CUDA backend: host functions that launch and never synchronize); the CPU
+// backend keeps the gammas in host buffers (csrc/cpu/dense_kernels.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,8 +20,86 @@
 
 namespace pathsgd {
 
-// gamma_forward, fused_step, scaled_update: the backend's kernels of the ops of the same names (their
-// host functions, with the op signatures).
+// Chain must provide: a Gamma type (a gamma vector with its log scale), and
+//   Gamma input_gamma()                     gamma_in of layer 0 (gamma0, or ones)
+//   Gamma output_gamma()                    gamma_out of the last layer (ones)
+//   Gamma forward(l, Gamma& gamma_in)       gamma_in of layer l + 1
+//   void bias_kappa(k, const Gamma& gout)   kappa of bias k (of the layer whose gamma_out is gout)
+//   Gamma fused(l, Gamma& gin, Gamma& gout) the fused pass of layer l; returns its input's gamma_out
+//   void update_biases()                    the update of every bias with its kappa
+//   std::tuple<Tensor, Tensor> result(Gamma& gout)
+template <typename Chain>
+std::tuple<at::Tensor, at::Tensor> dense_chain_walk(Chain& chain, int64_t layers, at::IntArrayRef bias_layers) {
+  // 1. gamma forward: gamma_in of every layer (the chain's output gamma is not needed).
+  std::vector<typename Chain::Gamma> gamma_in;
+  gamma_in.reserve(layers);
+  gamma_in.push_back(chain.input_gamma());
+  for (int64_t l = 0; l + 1 < layers; ++l) gamma_in.push_back(chain.forward(l, gamma_in[l]));
+  // 2. fused backward passes, output to input, each from the old weights of its layer.
+  typename Chain::Gamma gout = chain.output_gamma();
+  size_t k = bias_layers.size();
+  for (int64_t l = layers - 1; l >= 0; --l) {
+    if (k > 0 && bias_layers[k - 1] == l) chain.bias_kappa(--k, gout);  // gamma_out at the layer's output
+    gout = chain.fused(l, gamma_in[l], gout);
+  }
+  // 3. the biases.
+  chain.update_biases();
+  return chain.result(gout);
+}
+
+// The chain over a backend's per-layer op kernels (gamma_forward, fused_dense_step_,
+// scaled_sgd_update_: their host functions, with the op signatures) on small tensors.
+template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
+struct TensorChain {
+  using Gamma = std::pair<at::Tensor, at::Tensor>;  // values (a layer's opmath dtype), 0-dim float64 log scale
+
+  at::TensorList weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers;
+  const std::optional<at::Tensor>& gamma0;
+  const std::optional<at::Tensor>& gamma0_log_scale;
+  double p;
+  at::ArrayRef<double> sgd;
+  const std::optional<at::Tensor>& lr_tensor;
+  GammaForward& gamma_forward;
+  FusedStep& fused_step;
+  ScaledUpdate& scaled_update;
+  bool momentum;
+  std::vector<std::optional<at::Tensor>> bias_of;
+  std::vector<at::Tensor> bias_kappas;
+
+  at::ScalarType opmath_of(int64_t l) const { return at::toOpMathType(weights[l].scalar_type()); }
+  // Gammas follow each layer's opmath dtype (a chain may mix dtypes).
+  at::Tensor as_opmath(const at::Tensor& g, int64_t l) const {
+    return g.scalar_type() == opmath_of(l) ? g : g.to(opmath_of(l));
+  }
+  at::Tensor zero_log_scale() const { return at::zeros({}, weights[0].options().dtype(at::kDouble)); }
+
+  Gamma input_gamma() {
+    if (gamma0.has_value()) return {*gamma0, *gamma0_log_scale};
+    return {at::ones({weights[0].size(1)}, weights[0].options().dtype(opmath_of(0))), zero_log_scale()};
+  }
+  Gamma output_gamma() {
+    const int64_t last = static_cast<int64_t>(weights.size()) - 1;
+    return {at::ones({weights[last].size(0)}, weights[last].options().dtype(opmath_of(last))), zero_log_scale()};
+  }
+  Gamma forward(int64_t l, Gamma& gin) {
+    auto [v, scale] = gamma_forward(weights[l], bias_of[l], as_opmath(gin.first, l), gin.second, p);
+    return {std::move(v), std::move(scale)};
+  }
+  void bias_kappa(size_t k, const Gamma& gout) { bias_kappas[k] = gout.first.to(at::kDouble) * gout.second.exp(); }
+  Gamma fused(int64_t l, Gamma& gin, Gamma& gout) {
+    at::Tensor w = weights[l];
+    auto [v, scale] = fused_step(w, weight_grads[l],
+                                 momentum ? std::optional<at::Tensor>(weight_buffers[l]) : std::nullopt,
+                                 as_opmath(gin.first, l), gin.second, as_opmath(gout.first, l), gout.second, p, sgd,
+                                 lr_tensor);
+    return {std::move(v), std::move(scale)};
+  }
+  void update_biases() {
+    if (!biases.empty()) scaled_update(biases, bias_grads, bias_buffers, bias_kappas, p, sgd, lr_tensor);
+  }
+  std::tuple<at::Tensor, at::Tensor> result(Gamma& gout) { return {gout.first, gout.second}; }
+};
+
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
 std::tuple<at::Tensor, at::Tensor> dense_chain_step(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
@@ -29,52 +111,13 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step(
   checks::dense_chain_step_args(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
                                 gamma0, gamma0_log_scale, p, a.momentum);
   const int64_t n = static_cast<int64_t>(weights.size());
-  const bool momentum = a.momentum != 0.0;
-  const auto opmath_of = [](const at::Tensor& w) { return at::toOpMathType(w.scalar_type()); };
-  // Gammas follow each layer's opmath dtype (a chain may mix dtypes).
-  const auto as_opmath = [&](const at::Tensor& g, const at::Tensor& w) {
-    return g.scalar_type() == opmath_of(w) ? g : g.to(opmath_of(w));
-  };
-  const at::TensorOptions scale_options = weights[0].options().dtype(at::kDouble);
-  std::vector<std::optional<at::Tensor>> bias_of(n);
-  for (size_t k = 0; k < biases.size(); ++k) bias_of[bias_layers[k]] = biases[k];
-
-  // 1. gamma forward: gamma_in of every layer (the chain's output gamma is not needed).
-  std::vector<std::pair<at::Tensor, at::Tensor>> gamma_in;
-  gamma_in.reserve(n);
-  if (gamma0.has_value()) {
-    gamma_in.emplace_back(*gamma0, *gamma0_log_scale);
-  } else {
-    gamma_in.emplace_back(at::ones({weights[0].size(1)}, weights[0].options().dtype(opmath_of(weights[0]))),
-                          at::zeros({}, scale_options));
-  }
-  for (int64_t l = 0; l + 1 < n; ++l) {
-    auto [v, s] = gamma_forward(weights[l], bias_of[l], as_opmath(gamma_in[l].first, weights[l]), gamma_in[l].second,
-                                p);
-    gamma_in.emplace_back(std::move(v), std::move(s));
-  }
-  // 2. fused backward passes, output to input, each from the old weights of its layer.
-  at::Tensor gout = at::ones({weights[n - 1].size(0)}, weights[n - 1].options().dtype(opmath_of(weights[n - 1])));
-  at::Tensor gout_scale = at::zeros({}, scale_options);
-  std::vector<at::Tensor> bias_kappas(biases.size());
-  size_t k = biases.size();
-  for (int64_t l = n - 1; l >= 0; --l) {
-    if (k > 0 && bias_layers[k - 1] == l) {  // kappa of b_l = gamma_out at the layer's output
-      --k;
-      bias_kappas[k] = gout.to(at::kDouble) * gout_scale.exp();
-    }
-    at::Tensor w = weights[l];
-    auto [v, s] = fused_step(w, weight_grads[l], momentum ? std::optional<at::Tensor>(weight_buffers[l]) : std::nullopt,
-                             as_opmath(gamma_in[l].first, w), gamma_in[l].second, as_opmath(gout, w), gout_scale, p,
-                             sgd, lr_tensor);
-    gout = std::move(v);
-    gout_scale = std::move(s);
-  }
-  // 3. the biases, one multi-tensor update.
-  if (!biases.empty()) {
-    scaled_update(biases, bias_grads, bias_buffers, bias_kappas, p, sgd, lr_tensor);
-  }
-  return {gout, gout_scale};
+  TensorChain<GammaForward, FusedStep, ScaledUpdate> chain{
+      weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, gamma0, gamma0_log_scale, p, sgd,
+      lr_tensor, gamma_forward, fused_step, scaled_update, a.momentum != 0.0, {}, {}};
+  chain.bias_of.resize(n);
+  for (size_t k = 0; k < biases.size(); ++k) chain.bias_of[bias_layers[k]] = biases[k];
+  chain.bias_kappas.resize(biases.size());
+  return dense_chain_walk(chain, n, bias_layers);
 }
 
 }  // namespace pathsgd

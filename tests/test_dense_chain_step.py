@@ -13,6 +13,7 @@ when ``PATHSGD_CUDA_EMU`` names its library (``make test-cuda-emu``).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from typing import List, Optional
 
@@ -122,8 +123,10 @@ def twin(*args):
     return reference.dense_chain_step_(*args[:-2], SgdParams.unpack(args[-2], args[-1]))
 
 
-def per_layer(ns):
-    """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h."""
+def per_layer(ns, host_exp: bool = False):
+    """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h.
+    ``host_exp``: a bias kappa's exp(log scale) by the C library (math.exp), as the CPU op computes it on
+    the host; else by the tensor's device, as the CUDA op does."""
     def run(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s,
             p, *hyper):
         momentum = hyper[0][1] != 0
@@ -141,7 +144,7 @@ def per_layer(ns):
         kappas = {}
         for l in reversed(range(len(weights))):
             if l in bias_of:
-                kappas[l] = gout[0].to(F64) * gout[1].exp()
+                kappas[l] = gout[0].to(F64) * (math.exp(gout[1].item()) if host_exp else gout[1].exp())
             w = weights[l]
             gout = ns.fused_dense_step_.default(w, weight_grads[l], weight_buffers[l] if momentum else None,
                                                 gin[l][0].to(opm(w)), gin[l][1], gout[0].to(opm(w)), gout[1], p,
@@ -183,7 +186,7 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
     assert got[1].dtype == F64 and got[1].dim() == 0 and got[0].device.type == device
     # 1. the per-layer ops of the same device, composed in Python: the same bits
     layered_args = case.args(device)
-    layered = per_layer(ns)(*layered_args)
+    layered = per_layer(ns, host_exp=name == "cpu")(*layered_args)
     for i, (a, b) in enumerate(zip(_state(got_args) + list(got), _state(layered_args) + list(layered))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops"
     # 2. the pure-PyTorch twin (and the CPU kernels, for CUDA kernels): close

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -60,6 +61,11 @@ void dispatch_sgd_variant(const SgdParams<S>& h, Fn&& fn) {
 void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            at::TensorList kappas, double p, at::ArrayRef<double> sgd,
                            const std::optional<at::Tensor>& lr_tensor);
+
+// The same update of one contiguous param (grad and buffer contiguous too) with its float64 kappa
+// given as a host array of param.numel() values; `lr` already read (the dense chain's bias update).
+void scaled_sgd_update_raw(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
+                           const double* kappa, double p, const SgdArgs& a, double lr);
 
 // Runs fn on a contiguous version of `t` and writes the result back when `t`
 // itself is not contiguous (a rare case: costs one temporary of t's size).

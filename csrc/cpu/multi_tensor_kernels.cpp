@@ -38,28 +38,33 @@ void scaled_update_range(int64_t i0, int64_t i1, scalar_t* W, const scalar_t* G,
   }
 }
 
+// One contiguous tensor (W, G, B contiguous; kappa K float64 of the same size).
+template <typename scalar_t>
+void scaled_update_contiguous(scalar_t* W, const scalar_t* G, scalar_t* B, const double* K, int64_t n, double p,
+                              const SgdParams<at::opmath_type<scalar_t>>& h) {
+  // Fixed blocks of kElementGrain (a multiple of every SIMD width): which elements take the
+  // SIMD lanes and which the scalar tail depends on the size only, so results do not depend
+  // on the thread count.
+  const int64_t blocks = (n + kElementGrain - 1) / kElementGrain;
+  dispatch_sgd_variant(h, [&](auto variant) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scaled_update_range<scalar_t, variant.value>(b * kElementGrain, std::min(n, (b + 1) * kElementGrain), W, G, B,
+                                                     K, 2.0 / p, h);
+      }
+    });
+  });
+}
+
 template <typename scalar_t>
 void scaled_update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
                        const at::Tensor& kappa, double p, const SgdParams<at::opmath_type<scalar_t>>& h) {
   const at::Tensor g = grad.contiguous();
   const at::Tensor k = kappa.contiguous();
   with_contiguous(param, [&](const at::Tensor& w) {
-    scalar_t* W = w.mutable_data_ptr<scalar_t>();
-    const scalar_t* G = g.const_data_ptr<scalar_t>();
-    const double* K = k.const_data_ptr<double>();
-    scalar_t* B = buffer ? buffer->mutable_data_ptr<scalar_t>() : nullptr;
-    // Fixed blocks of kElementGrain (a multiple of every SIMD width): which elements take the
-    // SIMD lanes and which the scalar tail depends on the size only, so results do not depend
-    // on the thread count.
-    const int64_t n = w.numel(), blocks = (n + kElementGrain - 1) / kElementGrain;
-    dispatch_sgd_variant(h, [&](auto variant) {
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          scaled_update_range<scalar_t, variant.value>(b * kElementGrain, std::min(n, (b + 1) * kElementGrain), W,
-                                                       G, B, K, 2.0 / p, h);
-        }
-      });
-    });
+    scaled_update_contiguous<scalar_t>(w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                       buffer ? buffer->mutable_data_ptr<scalar_t>() : nullptr,
+                                       k.const_data_ptr<double>(), w.numel(), p, h);
   });
 }
 
@@ -78,6 +83,15 @@ void scaled_sgd_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
       scaled_update_one<scalar_t>(params[i], grads[i], use_buffer ? &momentum_buffers[i] : nullptr, kappas[i], p, h);
     });
   }
+}
+
+void scaled_sgd_update_raw(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* buffer,
+                           const double* kappa, double p, const SgdArgs& a, double lr) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "scaled_sgd_update_cpu", [&] {
+    scaled_update_contiguous<scalar_t>(param.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                                       buffer ? buffer->mutable_data_ptr<scalar_t>() : nullptr, kappa, param.numel(),
+                                       p, make_sgd_params<at::opmath_type<scalar_t>>(a, lr));
+  });
 }
 
 namespace {
