@@ -210,6 +210,40 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
         assert same_bits(a, b), "rerun differs"
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (a transposed 2-D copy; every other entry of a 1-D one)."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
+    wide[::2] = t
+    return wide[::2]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_dense_chain_step_strided_tensors_and_mixed_dtypes(target, p):
+    """A chain whose layer 1 is float64 between float32 layers (its gammas change dtype twice), with
+    non-contiguous weights, biases and grads: the same bits as the per-layer ops on contiguous copies,
+    and the strided parameters themselves are updated."""
+    name, ns, device, _ = target
+    case = Chain(4, torch.float32, p, 1, True)  # 40-65-130-3, momentum, weight decay, maximize, clamp
+    for ts in (case.weights, case.grads, case.buffers):
+        ts[1] = ts[1].double()
+    for ts in (case.biases, case.bias_grads, case.bias_buffers):
+        ts[1] = ts[1].double()  # the bias of layer 1
+    plain = case.args(device)
+    layered = per_layer(ns, host_exp=name == "cpu")(*plain)
+    strided = case.args(device)
+    strided = ([_strided(w) for w in strided[0]], [_strided(g) for g in strided[1]], strided[2],
+               [_strided(b) for b in strided[3]], [_strided(g) for g in strided[4]], *strided[5:])
+    assert not any(t.is_contiguous() for t in strided[0] + strided[3] if t.numel() > 1)
+    got = ns.dense_chain_step_.default(*strided)
+    for i, (a, b) in enumerate(zip(_state(strided) + list(got), _state(plain) + list(layered))):
+        assert same_bits(a, b), f"output {i} differs from the per-layer ops on contiguous tensors"
+    assert got[0].dtype == torch.float32
+    assert all(not torch.equal(a.cpu(), b) for a, b in zip(strided[0] + strided[3], case.weights + case.biases))
+
+
 def _bad(args, **changes) -> tuple:
     names = ["weights", "weight_grads", "weight_buffers", "biases", "bias_grads", "bias_buffers", "bias_layers",
              "gamma0", "gamma0_log_scale"]
