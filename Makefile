@@ -16,8 +16,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CUDA_EMU_DIR ?= ../shared/cuda-emu
 CUDA_EMU_LIB := build/cuda-emu/libpathsgd_emu.so
 # The optimizer-level tests that also run through the emulated CUDA kernels: SGD parity against
-# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism
-# (and test_kernels.py's opcheck of the emulated ops, whose fake kernels need PATHSGD_BACKEND=cuda-emu).
+# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism.
 CUDA_EMU_STEP_TESTS := sgd_parity or rescaling or clamp_matches_oracle or kappa_recomputed or \
 	deterministic_training or linear_in_dag or dense_head_step or kappa_every or one_op_call
 
@@ -52,7 +51,7 @@ test-cuda-emu: build $(CUDA_EMU_LIB)
 		-k "cuda or test_dense_chain_step.py"
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
 		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py tests/test_kappa_schedule.py \
-		tests/test_step_plan.py tests/test_kernels.py -k "$(CUDA_EMU_STEP_TESTS) or (test_opcheck and cuda)"
+		tests/test_step_plan.py -k "$(CUDA_EMU_STEP_TESTS)"
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

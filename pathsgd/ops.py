@@ -49,7 +49,23 @@ def load_cuda_emulation() -> str:
             f"`make cuda-emu` builds (build/cuda-emu/libpathsgd_emu.so), got {path!r}")
     if not hasattr(torch.ops.pathsgd_emu, "fused_dense_step_"):
         torch.ops.load_library(path)
+    _register_emulated_fakes()
     return path
+
+
+_EMULATED_FAKES = False  # whether the pathsgd_emu ops have their fake kernels
+
+
+def _register_emulated_fakes() -> None:
+    """The emulated CUDA ops get the fake kernels of the ops they emulate (once, after their library is
+    loaded; at import time with PATHSGD_BACKEND=cuda-emu the fakes are registered when defined below)."""
+    global _EMULATED_FAKES
+    fakes = globals().get("_FAKES")
+    if _EMULATED_FAKES or fakes is None or not hasattr(torch.ops.pathsgd_emu, "fused_dense_step_"):
+        return
+    for name in CUDA_KERNEL_OPS:
+        torch.library.register_fake(f"pathsgd_emu::{name}")(fakes[name])
+    _EMULATED_FAKES = True
 
 
 def _why_no_extension(exc: ImportError) -> str:
@@ -282,5 +298,4 @@ if compiled_available():
     # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.
     for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"pathsgd::{_name}")(_fake)
-        if CUDA_EMULATED and _name in CUDA_KERNEL_OPS:
-            torch.library.register_fake(f"pathsgd_emu::{_name}")(_fake)
+    _register_emulated_fakes()  # the emulation loaded at import (PATHSGD_BACKEND=cuda-emu)

@@ -1392,12 +1392,7 @@ def _opcheck_samples(device):
 OPCHECK_NAMES = [name for name, _ in _opcheck_samples("cpu")]
 
 
-# The emulated ops get their fake kernels (pathsgd/ops.py) only with PATHSGD_BACKEND=cuda-emu.
-OPCHECK_TARGETS = [t._replace(why=t.why or "the pathsgd_emu ops have fake kernels only with PATHSGD_BACKEND=cuda-emu")
-                   if t.emulated and not ops.CUDA_EMULATED else t for t in TARGETS]
-
-
-@pytest.mark.parametrize("target,index", cases((list(range(len(OPCHECK_NAMES))),), targets=OPCHECK_TARGETS))
+@pytest.mark.parametrize("target,index", cases((list(range(len(OPCHECK_NAMES))),), targets=TARGETS))
 def test_opcheck(target, index):
     """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every op on
     every target (abs_pow_vjp has no emulated kernel: skipped under the emulation)."""
