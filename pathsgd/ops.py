@@ -37,11 +37,9 @@ def _backend_choice() -> str:
     return choice
 
 
-def load_cuda_emulation() -> str:
-    """Loads the CPU emulation of the CUDA kernels named by ``PATHSGD_CUDA_EMU``; returns its path.
-
-    Raises ``RuntimeError`` saying what to do when the variable is unset or the library is missing.
-    """
+def _load_emulation_library() -> str:
+    """Loads the library named by ``PATHSGD_CUDA_EMU`` (once); returns its path. Raises ``RuntimeError``
+    saying what to do when the variable is unset or the library is missing."""
     path = os.environ.get("PATHSGD_CUDA_EMU", "")
     if not path or not os.path.isfile(path):
         raise RuntimeError(
@@ -49,23 +47,7 @@ def load_cuda_emulation() -> str:
             f"`make cuda-emu` builds (build/cuda-emu/libpathsgd_emu.so), got {path!r}")
     if not hasattr(torch.ops.pathsgd_emu, "fused_dense_step_"):
         torch.ops.load_library(path)
-    _register_emulated_fakes()
     return path
-
-
-_EMULATED_FAKES = False  # whether the pathsgd_emu ops have their fake kernels
-
-
-def _register_emulated_fakes() -> None:
-    """The emulated CUDA ops get the fake kernels of the ops they emulate (once, after their library is
-    loaded; at import time with PATHSGD_BACKEND=cuda-emu the fakes are registered when defined below)."""
-    global _EMULATED_FAKES
-    fakes = globals().get("_FAKES")
-    if _EMULATED_FAKES or fakes is None or not hasattr(torch.ops.pathsgd_emu, "fused_dense_step_"):
-        return
-    for name in CUDA_KERNEL_OPS:
-        torch.library.register_fake(f"pathsgd_emu::{name}")(fakes[name])
-    _EMULATED_FAKES = True
 
 
 def _why_no_extension(exc: ImportError) -> str:
@@ -108,7 +90,7 @@ _UNAVAILABLE_REASON = _load_extension()
 # The namespace whose kernels the CUDA-backed ops call: the emulated CUDA kernels under cuda-emu.
 CUDA_EMULATED = _backend_choice() == "cuda-emu"
 if CUDA_EMULATED:
-    load_cuda_emulation()
+    _load_emulation_library()  # its fake kernels are registered with the others, below
 _K = torch.ops.pathsgd_emu if CUDA_EMULATED else torch.ops.pathsgd
 _warned: set = set()
 
@@ -298,4 +280,22 @@ if compiled_available():
     # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.
     for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"pathsgd::{_name}")(_fake)
-    _register_emulated_fakes()  # the emulation loaded at import (PATHSGD_BACKEND=cuda-emu)
+
+_EMULATED_FAKES = False  # whether the pathsgd_emu ops have their fake kernels
+
+
+def load_cuda_emulation() -> str:
+    """Loads the CPU emulation of the CUDA kernels named by ``PATHSGD_CUDA_EMU`` and gives its ops the
+    fake kernels of the ops they emulate; returns its path. Raises ``RuntimeError`` saying what to do
+    when the variable is unset or the library is missing."""
+    global _EMULATED_FAKES
+    path = _load_emulation_library()
+    if not _EMULATED_FAKES and compiled_available():
+        for name in CUDA_KERNEL_OPS:
+            torch.library.register_fake(f"pathsgd_emu::{name}")(_FAKES[name])
+        _EMULATED_FAKES = True
+    return path
+
+
+if CUDA_EMULATED:
+    load_cuda_emulation()

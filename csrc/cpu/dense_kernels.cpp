@@ -14,10 +14,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rescales y (whose true value is y * exp(log_scale), plus an optional addend
-// at scale 1) to a vector with max in [1, 2]; returns the new log scale.
-// The addend (|b|^p) is float64: a bias in range can have |b|^p out of float32 range.
-// An all-zero result keeps log scale 0 so it stays an exact zero.
 // The largest of init and v[0..n), NaN entries skipped: std::max(acc, v[i]) in any order (SIMD lanes).
 template <typename T>
 T max_skip_nan(const T* v, int64_t n, T init) {
@@ -36,6 +32,10 @@ T max_skip_nan(const T* v, int64_t n, T init) {
   return out;
 }
 
+// Rescales y (whose true value is y * exp(log_scale), plus an optional addend
+// at scale 1) to a vector with max in [1, 2]; returns the new log scale.
+// The addend (|b|^p) is float64: a bias in range can have |b|^p out of float32 range.
+// An all-zero result keeps log scale 0 so it stays an exact zero.
 template <typename opmath_t>
 double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const double* addend) {
   const double y_max = static_cast<double>(max_skip_nan(y, n, opmath_t(0)));
@@ -57,7 +57,7 @@ double normalize_log_scaled(opmath_t* y, int64_t n, double log_scale, const doub
     for (int64_t i = 0; i < n; ++i) {
       y[i] = static_cast<opmath_t>(static_cast<double>(y[i]) / inv_y * y_factor + addend[i] / inv_add * add_factor);
     }
-  } else {  // the same formula without the addend (its + 0.0 changes no bits)
+  } else {  // the same formula with a zero addend
     for (int64_t i = 0; i < n; ++i) y[i] = static_cast<opmath_t>(static_cast<double>(y[i]) / inv_y * y_factor + 0.0);
   }
   return t;
@@ -480,9 +480,6 @@ struct HostGamma {
   }
 };
 
-// t itself when contiguous, else a contiguous copy (written back after the update).
-at::Tensor contiguous_or_self(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-
 // The chain (csrc/dense_chain_step.h) on the host: gammas and log scales in host buffers, the
 // hyper-parameters unpacked and lr read once, this file's kernel cores on contiguous data.
 struct HostChain {
@@ -502,10 +499,9 @@ struct HostChain {
   Gamma input_gamma() {
     if (!gamma0.has_value()) return HostGamma(opmath_of(0), weights[0].size(1), 1.0);
     const at::Tensor g0 = gamma0->contiguous();  // checked: the opmath dtype of layer 0
-    HostGamma g(opmath_of(0), 0, 0.0);
+    HostGamma g(opmath_of(0), g0.numel(), 0.0);
     AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "dense_chain_step_cpu", [&] {
-      const scalar_t* v = g0.const_data_ptr<scalar_t>();
-      if constexpr (std::is_same_v<scalar_t, double>) g.d.assign(v, v + g0.numel()); else g.f.assign(v, v + g0.numel());
+      std::copy_n(g0.const_data_ptr<scalar_t>(), g0.numel(), g.data<scalar_t>());
     });
     g.log_scale = gamma0_log_scale->item<double>();
     return g;
@@ -578,9 +574,9 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step_cpu(
                   a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
   chain.w.resize(n);
   chain.bias_of.resize(n);
-  for (int64_t l = 0; l < n; ++l) chain.w[l] = contiguous_or_self(weights[l]);
+  for (int64_t l = 0; l < n; ++l) chain.w[l] = weights[l].contiguous();  // a copy only when strided (written back)
   for (size_t k = 0; k < biases.size(); ++k) {
-    chain.b.push_back(contiguous_or_self(biases[k]));
+    chain.b.push_back(biases[k].contiguous());
     chain.bias_of[bias_layers[k]] = chain.b.back();
   }
   chain.bias_kappas.resize(biases.size());
