@@ -178,55 +178,6 @@ def group_sgd(group: Dict[str, Any], first_step: bool) -> SgdParams:
                      float(group["eps"]), lo, hi)
 
 
-class ChainStepPlan:
-    """The step of a model that is one dense chain optimized by one param group, resolved once:
-    the chain's parameters in layer order and its bias layers. A step is then one
-    ``dense_chain_step_`` call with no per-parameter Python objects (what a small MLP's step
-    costs otherwise). :meth:`step` returns False, having changed nothing, when this step needs the
-    general path: a parameter without a gradient, the first momentum step (it creates the
-    buffers), a parameter replaced in its module, or an argument the op refuses (the general
-    path then raises its error naming the parameter)."""
-
-    def __init__(self, chain: DenseChain, group: Dict[str, Any]) -> None:
-        self.group = group
-        self.weights = [layer.weight_param for layer in chain.layers]
-        self.bias_layers = [i for i, layer in enumerate(chain.layers) if layer.bias_param is not None]
-        self.biases = [chain.layers[i].bias_param for i in self.bias_layers]
-        self.slots = [(layer.module._parameters, "weight", w) for layer, w in zip(chain.layers, self.weights)]
-        self.slots += [(chain.layers[i].module._parameters, "bias", b) for i, b in zip(self.bias_layers, self.biases)]
-        self.device_type = self.weights[0].device.type
-
-    def params_in_place(self) -> bool:
-        """Every parameter of the plan is still the one its module holds (none was replaced)."""
-        return all(params.get(name) is t for params, name, t in self.slots)
-
-    def step(self, state: Dict[Tensor, Any]) -> bool:
-        group = self.group
-        weights, biases = self.weights, self.biases
-        if weights[0].device.type != self.device_type:
-            return False
-        weight_grads = [w.grad for w in weights]
-        bias_grads = [b.grad for b in biases]
-        if any(g is None for g in weight_grads) or any(g is None for g in bias_grads):
-            return False
-        weight_buffers: list = []
-        bias_buffers: list = []
-        if group["momentum"] != 0:
-            for params, buffers in ((weights, weight_buffers), (biases, bias_buffers)):
-                for t in params:
-                    entry = state.get(t)
-                    buffer = entry.get("momentum_buffer") if entry else None
-                    if buffer is None:
-                        return False
-                    buffers.append(buffer)
-        try:
-            ops.dense_chain_step_(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers,
-                                  self.bias_layers, None, None, float(group["p"]), group_sgd(group, False))
-        except RuntimeError:  # the op checks every argument before it changes anything
-            return False
-        return True
-
-
 def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: Batches,
                 gamma0: Optional[LogScaled] = None, record: Optional[Dict[Tensor, Stored]] = None
                 ) -> Optional[LogScaled]:

@@ -12,9 +12,10 @@ from torch.optim import Optimizer
 
 from . import ops
 from .clamp import ClampArg, normalize_clamp
-from .functional import ChainStepPlan, ParamUpdate, path_sgd
+from .functional import ParamUpdate, path_sgd
 from .graph import PathGraph, build_path_graph, unwrap_model
 from .scales import check_p
+from .step_plans import ChainStepPlan, TrunkStepPlan
 
 __all__ = ["PathSGD"]
 
@@ -131,7 +132,7 @@ class PathSGD(Optimizer):
         self._param_names = {id(t): name for name, t in {**self.graph.named_parameters(),
                                                           **self.graph.unit_params}.items()}
         self.check_finite = check_finite
-        self._plan: Optional[Tuple[Tuple[int, int, int], Optional[ChainStepPlan]]] = None
+        self._plan: Optional[Tuple[Tuple[int, ...], Optional[ChainStepPlan]]] = None
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
                         eps=eps, kappa_every=kappa_every)
@@ -246,7 +247,7 @@ class PathSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._chain_plan()
+        plan = self._step_plan()
         if plan is not None and plan.step(self.state):
             return loss
         updates = self._collect_updates()
@@ -263,31 +264,43 @@ class PathSGD(Optimizer):
                 self._store_kappas(updates, record)
         return loss
 
-    def _chain_plan(self) -> Optional[ChainStepPlan]:
-        """The one-call step plan (:class:`ChainStepPlan`) when this step may take it: the model is
-        one dense chain (no PReLU slopes, BatchNorm or pruning) optimized by one param group with
-        kappa recomputed every step, the compiled kernels, no check_finite and no input_shape to
-        check; None otherwise (the general path)."""
-        if len(self.param_groups) != 1 or self.check_finite or torch.compiler.is_compiling():
+    def _step_plan(self) -> Optional[ChainStepPlan]:
+        """The step plan (:mod:`pathsgd.step_plans`) when this step may take it: one param group
+        with every parameter of the model's path graph, kappa recomputed every step, the compiled
+        kernels, no check_finite, no PReLU slopes or pruning; an MLP (one dense chain, no
+        BatchNorm, no input_shape to check) or a conv net with a dense head and no dense layer in
+        its trunk (its graph for this step's input shape). None otherwise: the general path."""
+        if len(self.param_groups) != 1 or self.check_finite or self.use_reference or torch.compiler.is_compiling():
             return None
         group = self.param_groups[0]
         if group["kappa_every"] != 1:
             return None
-        # A plan belongs to this group and its parameter list (it keeps the group alive, so its id is not reused).
-        key = (id(group), id(group["params"]), len(group["params"]))
+        graph = self.graph
+        if not graph.is_dense_chain:
+            try:
+                graph = self._graph_for_step()
+            except ValueError:
+                return None  # the general path raises it, after the per-parameter checks
+        # A plan belongs to this group, its parameter list (it keeps the group alive, so its id is not
+        # reused) and this graph (kept in self._graphs).
+        key = (id(group), id(group["params"]), len(group["params"]), id(graph))
         if self._plan is None or self._plan[0] != key or (self._plan[1] is not None
                                                           and not self._plan[1].params_in_place()):
-            self._plan = (key, self._new_chain_plan(group))
+            self._plan = (key, self._new_step_plan(graph, group))
         return self._plan[1]
 
-    def _new_chain_plan(self, group: Dict[str, Any]) -> Optional[ChainStepPlan]:
-        graph = self.graph
-        if (not graph.is_dense_chain or graph.unit_params or graph.batchnorms or self.use_reference
-                or self._given_input_shape is not None or any(layer.pruned for layer in graph.head.layers)):
+    def _new_step_plan(self, graph: PathGraph, group: Dict[str, Any]) -> Optional[ChainStepPlan]:
+        if graph.head is None or graph.unit_params or any(layer.pruned for layer in graph.layers.values()):
             return None
-        plan = ChainStepPlan(graph.head, group)
-        if not ops.has_kernel(plan.device_type) or {id(t) for t in group["params"]} != \
-                {id(t) for t in plan.weights + plan.biases}:
+        if graph.is_dense_chain:
+            if graph.batchnorms or self._given_input_shape is not None:
+                return None
+            plan = ChainStepPlan(graph.head, group)
+        else:
+            if graph.dense_layers - graph.head_names:
+                return None
+            plan = TrunkStepPlan(graph, group)
+        if not ops.has_kernel(plan.device_type) or {id(t) for t in group["params"]} != {id(t) for t in plan.params}:
             return None
         return plan
 

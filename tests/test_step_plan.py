@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import pathsgd
 from pathsgd import ops
+from pathsgd.eval_tape import TapeEvaluator
 
 pytestmark = pytest.mark.skipif(not ops.has_kernel("cpu"), reason="the plan runs on the compiled kernels only")
 
@@ -69,14 +70,14 @@ def train(model, opt, steps, seed=0, between=None):
 
 
 def without_plan(opt):
-    opt._chain_plan = lambda: None
+    opt._step_plan = lambda: None
     return opt
 
 
 def assert_same(a: nn.Module, b: nn.Module, opt_a, opt_b) -> None:
     for (name, x), y in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(x, y), name
-        if opt_a.defaults["momentum"]:
+        if opt_a.defaults["momentum"] and x.requires_grad:
             assert torch.equal(opt_a.state[x]["momentum_buffer"], opt_b.state[y]["momentum_buffer"]), name
 
 
@@ -154,3 +155,147 @@ def test_no_plan_for_two_param_groups_or_a_replaced_parameter(monkeypatch):
         assert old is not model.fc3.bias
     train(model, single, steps=1)
     assert calls.general == 4
+
+
+# ---- conv nets: functional/step_plans.TrunkStepPlan ---------------------------------------------------------
+class ConvNet(nn.Module):
+    """The pytorch/examples MNIST net, scaled down (12x12 inputs), with an adaptive pool so that
+    it takes several input sizes."""
+
+    def __init__(self, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, 1)
+        self.bn = nn.BatchNorm2d(6) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(6, 8, 3, 1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.dropout1 = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(128, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(self.dropout1(self.pool(x)), 1)
+        return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=1)
+
+
+def train_cnn(model, opt, steps, seed=0, sizes=(12,), between=None):
+    """The MNIST loop; BatchNorm in eval mode after ``model.train()``, as PathSGD's error shows."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    if isinstance(model.bn, nn.BatchNorm2d):
+        model.bn.eval()
+    for step in range(steps):
+        size = sizes[step % len(sizes)]
+        x = torch.randn(8, 1, size, size, generator=gen).to(next(model.parameters()).dtype)
+        target = torch.randint(0, 5, (8,), generator=gen)
+        torch.manual_seed(seed + step)
+        opt.zero_grad()
+        F.nll_loss(model(x), target).backward()
+        if between is not None:
+            between(step)
+        opt.step()
+
+
+class TrunkCalls(Calls):
+    """Also counts the trunk's backward passes (one per step on either path)."""
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__(monkeypatch)
+        self.vjp = 0
+        backward = TapeEvaluator.backward
+
+        def counted_backward(*args, **kwargs):
+            self.vjp += 1
+            return backward(*args, **kwargs)
+
+        monkeypatch.setattr(TapeEvaluator, "backward", counted_backward)
+
+
+@pytest.mark.parametrize("hyper", [dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                   dict(momentum=0.0, clamp=0.3, p=3), dict(momentum=0.9, dampening=0.2, p=1)])
+def test_cnn_steps_take_the_trunk_plan_and_match_the_general_path(monkeypatch, hyper):
+    torch.manual_seed(4)
+    model = ConvNet()
+    twin = copy.deepcopy(model)
+    calls = TrunkCalls(monkeypatch)
+    opt = pathsgd.PathSGD(model, lr=0.02, **hyper)
+    train_cnn(model, opt, steps=5)
+    assert calls.general == (1 if hyper["momentum"] else 0), calls.general
+    assert calls.chain_op == calls.vjp == 5
+    assert isinstance(opt._plan[1], pathsgd.step_plans.TrunkStepPlan)
+    twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.02, **hyper))
+    train_cnn(twin, twin_opt, steps=5)
+    assert calls.general == 5 + (1 if hyper["momentum"] else 0)
+    assert_same(model, twin, opt, twin_opt)
+    assert not torch.equal(model.conv1.weight, ConvNet().conv1.weight)
+
+
+def test_cnn_plan_follows_the_input_shape_and_eval_batchnorm(monkeypatch):
+    torch.manual_seed(5)
+    model = ConvNet(batchnorm=True)
+    model.bn.eval()
+    model.bn.requires_grad_(False)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 2.0)
+    twin = copy.deepcopy(model)
+
+    calls = TrunkCalls(monkeypatch)
+    opt = pathsgd.PathSGD(model, lr=0.02, momentum=0.9)
+    train_cnn(model, opt, steps=6, sizes=(12, 14))
+    assert calls.general == 1 and calls.vjp == 6
+    assert sorted(opt._graphs) == [(1, 12, 12), (1, 14, 14)]  # one graph per input shape, a plan each step
+    twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.02, momentum=0.9))
+    train_cnn(twin, twin_opt, steps=6, sizes=(12, 14))
+    assert_same(model, twin, opt, twin_opt)
+
+
+def test_cnn_plan_bad_input_gets_the_named_error_and_changes_nothing():
+    torch.manual_seed(6)
+    model = ConvNet(batchnorm=True)
+    model.bn.eval()
+    model.bn.requires_grad_(False)
+    opt = pathsgd.PathSGD(model, lr=0.02, momentum=0.9)
+    train_cnn(model, opt, steps=2)
+    before = [t.clone() for t in model.parameters()]
+    buffers = {t: opt.state[t]["momentum_buffer"].clone() for t in model.parameters() if t.requires_grad}
+
+    def unchanged():
+        for t, b in zip(model.parameters(), before):
+            assert torch.equal(t, b)
+        for t, buf in buffers.items():
+            assert torch.equal(opt.state[t]["momentum_buffer"], buf)
+
+    model.train()  # BatchNorm left in training mode (model.train() without model.bn.eval())
+    with pytest.raises(ValueError, match="'bn'.*training mode"):
+        opt.step()
+    unchanged()
+    model.bn.eval()
+    good = model.conv2.weight.grad
+    model.conv2.weight.grad = good.to_sparse()  # a trunk parameter: checked before the head's op runs
+    with pytest.raises(RuntimeError, match="sparse gradients .*'conv2.weight'"):
+        opt.step()
+    unchanged()
+
+
+def test_cnn_frozen_layer_and_cast_model_take_the_general_path_and_match(monkeypatch):
+    torch.manual_seed(7)
+    model = ConvNet()
+    twin = copy.deepcopy(model)
+
+    def between(step, net):
+        if step == 2:
+            net.conv1.weight.grad = None  # a trunk parameter without a gradient this step
+        if step == 3:
+            net.double()  # cast after momentum steps: the buffers follow, as in torch.optim.SGD
+
+    calls = TrunkCalls(monkeypatch)
+    opt = pathsgd.PathSGD(model, lr=0.02, momentum=0.9)
+    train_cnn(model, opt, steps=6, between=lambda s: between(s, model))
+    assert calls.general == 3  # first step, the missing gradient, the cast (its buffers are cast there)
+    twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.02, momentum=0.9))
+    train_cnn(twin, twin_opt, steps=6, between=lambda s: between(s, twin))
+    assert model.conv1.weight.dtype == torch.float64
+    assert opt.state[model.conv1.weight]["momentum_buffer"].dtype == torch.float64
+    assert_same(model, twin, opt, twin_opt)
