@@ -53,8 +53,10 @@ TORCH_LIBRARY(pathsgd, m) {
       "Tensor[] kappas, float p, float[] sgd, Tensor? lr_tensor) -> ()");
   // Multi-tensor clamp_(lo, hi) (WGAN weight clipping).
   m.def("clamp_(Tensor(a!)[] tensors, float lo, float hi) -> ()");
-  // Backward of a conv net's abs-pow network over a compiled VJP program: the kappa of every
-  // |w|^p leaf (csrc/abs_pow_vjp.cpp; the program is described in pathsgd/reference.py).
+  // A conv net's abs-pow network over compiled programs (csrc/abs_pow_programs.cpp; the programs
+  // are described in pathsgd/reference.py): its forward, the value of every computing node;
+  // its backward, the kappa of every |w|^p leaf.
+  m.def("abs_pow_forward(Tensor input, Tensor[] leaves, int[] program, float[] factors) -> Tensor[]");
   m.def(
       "abs_pow_vjp(Tensor[] values, Tensor[] leaves, Tensor[] seeds, int[] seed_slots, int[] program, "
       "float[] factors) -> Tensor[]");

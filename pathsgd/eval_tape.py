@@ -16,7 +16,10 @@ backward into a tape of vector-Jacobian products, then runs ``forward(p)`` -> ac
 
 The tape is a flat program of ints (see :func:`pathsgd.reference.abs_pow_vjp`). When every node
 has a compiled rule the whole backward is one op, ``pathsgd::abs_pow_vjp``; otherwise its Python
-twin runs the program and calls back for the other nodes.
+twin runs the program and calls back for the other nodes. Likewise the forward: when every node
+up to ``stop`` is a layer, identity unit, reshape, addition, constant scale or (undilated) max
+pool and no layer is dense, it is one op, ``pathsgd::abs_pow_forward`` (see
+:func:`pathsgd.reference.abs_pow_forward`); otherwise the table's forward rules run in Python.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .eval_dense import LogScaled, gamma_out_pass, to_log_scaled
-from .graph import ADD, ALIAS, LAYER, RESHAPE, RULES, SCALE, SUMPOOL, PathGraph, PathNode, forward_values
+from .graph import ADD, ALIAS, INPUT, LAYER, RESHAPE, RULES, SCALE, SUMPOOL, PathGraph, PathNode, forward_values
 from .reference import const_pow
 from .reference import VJP_ADD, VJP_ALIAS, VJP_CONV, VJP_LINEAR, VJP_LOCAL, VJP_RESHAPE, VJP_SCALE, VJP_SUMPOOL
 
@@ -134,6 +137,57 @@ class TapeEvaluator:
         if self.stop is not None:
             slot(self.stop)
         self.program = program
+        self._compile_forward(leaf)
+
+    def _compile_forward(self, leaf: Dict[str, int]) -> None:
+        """The forward as an ``abs_pow_forward`` program: ``forward_program`` and ``forward_index``
+        (node index -> the instruction whose value it holds, -1 for the input); both None when a
+        node has no compiled forward rule (the forward then runs the table's rules in Python)."""
+        self.forward_program: Optional[List[int]] = None
+        self.forward_index: Optional[List[Tuple[int, int]]] = None
+        if self.dense:
+            return
+        program: List[int] = []
+        index: Dict[int, int] = {}  # node -> the instruction computing its value (-1: the input)
+        scales = {n.index: k for k, n in enumerate(self.scale_nodes)}
+        new_scales: List[PathNode] = []
+        count = 0
+        for node in self.graph.nodes[:None if self.stop is None else self.stop + 1]:
+            kind, i = node.kind, node.index
+            if not node.is_tensor:
+                continue  # a shape query: reshapes take their static shapes
+            if kind in (INPUT, ALIAS):  # the input is an argument; an identity unit shares its input's value
+                index[i] = -1 if kind == INPUT else index[node.inputs[0]]
+                continue
+            src = index[node.inputs[0]]
+            if kind == LAYER and not node.data.transposed:
+                layer = node.data
+                bias = leaf[layer.bias_name] if layer.bias_name is not None else -1
+                if layer.conv:
+                    m = layer.module
+                    program += [VJP_CONV, src, leaf[layer.weight_name], bias, len(m.kernel_size), *m.stride,
+                                *layer.padding, *m.dilation, m.groups]
+                else:
+                    program += [VJP_LINEAR, src, leaf[layer.weight_name], bias]
+            elif kind == RESHAPE:
+                program += [VJP_RESHAPE, src, len(node.shape), *node.shape]
+            elif kind == ADD and len(node.inputs) == 2:
+                program += [VJP_ADD, src, index[node.inputs[1]]]
+            elif kind == SCALE:
+                if i not in scales:
+                    scales[i] = len(self.scale_nodes) + len(new_scales)
+                    new_scales.append(node)
+                program += [VJP_SCALE, src, scales[i]]
+            elif kind == SUMPOOL and all(d == 1 for d in node.data[3]):
+                nd, (kernel, stride, padding), ceil_mode, _ = node.data
+                program += [VJP_SUMPOOL, src, nd, *kernel, *stride, *padding, int(ceil_mode)]
+            else:
+                return  # no compiled forward rule
+            index[i] = count
+            count += 1
+        self.scale_nodes += new_scales
+        self.forward_program = program
+        self.forward_index = list(index.items())
 
     def _vjp_factors(self, p: float) -> List[float]:
         """The constant edge weights |c|^p of the tape's multiplications, per p."""
@@ -186,7 +240,14 @@ class TapeEvaluator:
             y = (y.double() * log_scale.exp()).reshape(1, -1)
             return y + bias if bias is not None else y
 
-        env = forward_values(self.graph, p, layer_forward, self._ones_input(device), self.stop)
+        ones = self._ones_input(device)
+        if self.forward_program is not None:
+            values = ops.abs_pow_forward(ones, list(leaves.values()), self.forward_program, self._vjp_factors(p))
+            env: List[Any] = [None] * len(self.graph.nodes)
+            for i, k in self.forward_index:
+                env[i] = ones if k < 0 else values[k]
+        else:
+            env = forward_values(self.graph, p, layer_forward, ones, self.stop)
         total = sum(env[i].sum() for i in self.graph.outputs) if self.stop is None else None
         return Activations(p, env, leaves, gamma_in, total)
 

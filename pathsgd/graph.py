@@ -154,7 +154,8 @@ class Layer:
 class PathNode:
     """One IR node: ``kind`` from :data:`OP_TABLE`, ``inputs`` the nodes whose gamma flows into it,
     ``refs`` every node its evaluation reads (inputs and shape queries), ``data`` its lowered
-    arguments. ``is_tensor`` and ``input_rank`` are written by the shape propagation."""
+    arguments. ``is_tensor``, ``shape`` (of its value in the abs-pow network, batch 1) and
+    ``input_rank`` are written by the shape propagation."""
     index: int
     name: str
     kind: str
@@ -162,6 +163,7 @@ class PathNode:
     refs: Tuple[int, ...]
     data: Any
     is_tensor: bool = True
+    shape: Optional[Tuple[int, ...]] = None
     input_rank: Optional[int] = None
 
 
@@ -934,6 +936,7 @@ class PathGraph:
                              f"{exc}") from exc
         for node in self.nodes:
             node.is_tensor = isinstance(env[node.index], Tensor)
+            node.shape = tuple(env[node.index].shape) if node.is_tensor else None
 
     def _path_users(self) -> List[int]:
         counts = [0] * len(self.nodes)

@@ -9,8 +9,8 @@ one-time warning that says why. ``PATHSGD_BACKEND=reference`` forces the twin.
 CUDA kernels and their host wrappers on CPU tensors: it loads the CPU emulation
 library named by ``PATHSGD_CUDA_EMU`` (built by ``make cuda-emu``), which
 registers them as ``torch.ops.pathsgd_emu.*``, and routes every CPU call of the
-CUDA-backed ops there. ``abs_pow_vjp`` is one device-generic kernel of ATen calls
-(no CUDA source of its own), so it keeps running from ``pathsgd._C``.
+CUDA-backed ops there. ``abs_pow_forward`` and ``abs_pow_vjp`` are device-generic kernels of
+ATen calls (no CUDA source of their own), so they keep running from ``pathsgd._C``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from torch import Tensor
 from . import reference
 from .sgd_params import SgdParams
 
-_OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_", "abs_pow_vjp")
+_OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_",
+             "abs_pow_forward", "abs_pow_vjp")
 # The ops with CUDA kernels in csrc/cuda/ (what the CPU emulation of the CUDA code registers).
 CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_")
 BACKENDS = ("auto", "compiled", "reference", "cuda-emu")
@@ -123,7 +124,7 @@ def _kernels_registered(device_type: str) -> bool:
     names = [f"pathsgd::{name}" for name in _OP_NAMES]
     if CUDA_EMULATED:
         names = [f"pathsgd_emu::{n}" if n in CUDA_KERNEL_OPS else f"pathsgd::{n}" for n in _OP_NAMES]
-    # "computed": abs_pow_vjp is one device-generic (CompositeExplicitAutograd) kernel.
+    # "computed": abs_pow_forward / abs_pow_vjp are device-generic (CompositeExplicitAutograd) kernels.
     return all(torch._C._dispatch_has_computed_kernel_for_dispatch_key(name, key) for name in names)
 
 
@@ -235,6 +236,13 @@ def clamp_(tensors: List[Tensor], lo: float, hi: float) -> None:
         reference.clamp_(tensors, lo, hi)
 
 
+def abs_pow_forward(input: Tensor, leaves: List[Tensor], program: List[int], factors: List[float]) -> List[Tensor]:
+    """The abs-pow network's values from a forward program; see :func:`pathsgd.reference.abs_pow_forward`."""
+    if _use_compiled(input):
+        return torch.ops.pathsgd.abs_pow_forward.default(input, leaves, program, factors)
+    return reference.abs_pow_forward(input, leaves, program, factors)
+
+
 def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor], seed_slots: List[int],
                 program: List[int], factors: List[float]) -> List[Tensor]:
     """kappa of every ``|w|^p`` leaf from an abs-pow VJP program; see :func:`pathsgd.reference.abs_pow_vjp`."""
@@ -268,13 +276,18 @@ def _clamp_fake(tensors, lo, hi):
     return None
 
 
+def _abs_pow_forward_fake(input, leaves, program, factors):
+    return reference.abs_pow_forward(input, leaves, program, factors)  # ATen ops only: they run on fake tensors
+
+
 def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
     return [torch.empty_like(t) for t in leaves]
 
 
 _FAKES = {"gamma_forward": _gamma_forward_fake, "fused_dense_step_": _fused_dense_step_fake,
           "dense_chain_step_": _dense_chain_step_fake,
-          "scaled_sgd_update_": _scaled_sgd_update_fake, "clamp_": _clamp_fake, "abs_pow_vjp": _abs_pow_vjp_fake}
+          "scaled_sgd_update_": _scaled_sgd_update_fake, "clamp_": _clamp_fake,
+          "abs_pow_forward": _abs_pow_forward_fake, "abs_pow_vjp": _abs_pow_vjp_fake}
 
 if compiled_available():
     # Fake kernels: shapes and dtypes only, so torch.compile / meta tensors can trace the ops.

@@ -218,9 +218,69 @@ def sum_pool_vjp(g: Tensor, x: Tensor, nd: int, args: Tuple[Tuple[int, ...], ...
     return backward(g, x, *args, ceil_mode, True, 1)
 
 
-# Instruction codes of an abs_pow_vjp program (enum Rule in csrc/abs_pow_vjp.cpp). LOCAL is
-# Python-only: the compiled op does not run programs that contain it.
+# Instruction codes of the abs_pow_forward and abs_pow_vjp programs (enum Rule in
+# csrc/abs_pow_programs.cpp). LOCAL is Python-only: the compiled op does not run programs that contain it.
 VJP_CONV, VJP_LINEAR, VJP_ALIAS, VJP_RESHAPE, VJP_ADD, VJP_SCALE, VJP_SUMPOOL, VJP_LOCAL = range(8)
+
+
+def sum_pool(x: Tensor, nd: int, kernel: List[int], stride: List[int], padding: List[int], ceil_mode: bool) -> Tensor:
+    """Window sums (zero padding) with lifted arguments (1-D pools run as 2-D ones), as pooling.sum_pool."""
+    if nd == 1:
+        return torch.ops.aten.avg_pool2d(x.unsqueeze(-2), kernel, stride, padding, ceil_mode, True, 1).squeeze(-2)
+    pool = torch.ops.aten.avg_pool2d if nd == 2 else torch.ops.aten.avg_pool3d
+    return pool(x, kernel, stride, padding, ceil_mode, True, 1)
+
+
+def abs_pow_forward(input: Tensor, leaves: List[Tensor], program: List[int], factors: List[float]) -> List[Tensor]:
+    """The abs-pow network's forward: one value per instruction of ``program`` (input to output).
+
+    Operands ``src`` (and ``a``, ``b``) index earlier instructions' values; -1 is ``input``.
+    weight/bias are leaf indices (-1: none). An identity unit (ReLU, ...) has no instruction: it
+    shares its input's value. Every value is a new tensor (no output aliases another one or an input).
+
+        CONV    src weight bias nd stride[nd] padding[nd] dilation[nd] groups
+        LINEAR  src weight bias
+        RESHAPE src n shape[n]      (a copy in the static shape)
+        ADD     a b                 (a + b, broadcast)
+        SCALE   src factor          (multiplication by a constant: edge |c|^p = factors[factor])
+        SUMPOOL src nd kernel[l] stride[l] padding[l] ceil_mode   (l = 2 for nd = 1: window sums)
+    """
+    out: List[Tensor] = []
+    pos = 0
+
+    def take(n: int = 1) -> List[int]:
+        nonlocal pos
+        pos += n
+        return list(program[pos - n:pos])
+
+    def value(i: int) -> Tensor:
+        return input if i < 0 else out[i]
+
+    while pos < len(program):
+        rule, src = take(2)
+        x = value(src)
+        if rule == VJP_CONV:
+            w, b, nd = take(3)
+            stride, padding, dilation, (groups,) = take(nd), take(nd), take(nd), take()
+            out.append(torch.ops.aten.convolution(x, leaves[w], leaves[b] if b >= 0 else None, stride, padding,
+                                                  dilation, False, [0] * nd, groups))
+        elif rule == VJP_LINEAR:
+            w, b = take(2)
+            out.append(torch.ops.aten.linear(x, leaves[w], leaves[b] if b >= 0 else None))
+        elif rule == VJP_RESHAPE:
+            out.append(x.reshape(take(take()[0])).clone())
+        elif rule == VJP_ADD:
+            out.append(x + value(take()[0]))
+        elif rule == VJP_SCALE:
+            out.append(x * factors[take()[0]])
+        elif rule == VJP_SUMPOOL:
+            nd = take()[0]
+            lifted = 2 if nd == 1 else nd
+            kernel, stride, padding, (ceil_mode,) = take(lifted), take(lifted), take(lifted), take()
+            out.append(sum_pool(x, nd, kernel, stride, padding, bool(ceil_mode)))
+        else:
+            raise ValueError(f"abs_pow_forward: unknown rule {rule} at position {pos - 2}")
+    return out
 
 LocalVjp = Callable[[int, Tensor], List[Tuple[int, Tensor]]]
 

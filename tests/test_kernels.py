@@ -1384,6 +1384,9 @@ def _opcheck_samples(device):
     x, w, b, y = x.to(device), w.to(device), b.double().to(device), y.to(device)
     conv = [reference.VJP_CONV, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # node 0, src 1, leaves 0/1, need_x, nd 1, ...
     yield "abs_pow_vjp", ([y, x], [w, b], [torch.rand_like(y)], [0], conv, [])
+    # its forward: the conv, a reshape of it, a constant scale of that
+    yield "abs_pow_forward", (x, [w, b], [reference.VJP_CONV, -1, 0, 1, 1, 1, 1, 1, 1, reference.VJP_RESHAPE, 0, 2,
+                                          3, 5, reference.VJP_SCALE, 1, 0], [0.25])
     yield "abs_pow_vjp", ([y.reshape(3, 5), y, x], [w, b], [torch.rand(3, 5, dtype=F64, device=device)], [0],
                           [reference.VJP_RESHAPE, 0, 1, reference.VJP_SCALE, 1, 1, 0] + conv[:1] + [1, 2] + conv[3:],
                           [0.25])
@@ -1395,7 +1398,7 @@ OPCHECK_NAMES = [name for name, _ in _opcheck_samples("cpu")]
 @pytest.mark.parametrize("target,index", cases((list(range(len(OPCHECK_NAMES))),), targets=TARGETS))
 def test_opcheck(target, index):
     """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every op on
-    every target (abs_pow_vjp has no emulated kernel: skipped under the emulation)."""
+    every target (abs_pow_forward / abs_pow_vjp have no emulated kernels: skipped under the emulation)."""
     opcheck = getattr(torch.library, "opcheck", None)
     if opcheck is None:
         pytest.skip("torch.library.opcheck is not available in this torch")
@@ -1523,6 +1526,104 @@ def test_abs_pow_vjp_bad_programs_raise(target, monkeypatch):
         op(values, leaves, seeds, [999], program, factors)
     with pytest.raises(RuntimeError, match="2 seeds for 1 seed slots"):
         op(values, leaves, seeds * 2, slots, program, factors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# abs_pow_forward: the conv nets' abs-pow forward over a compiled program
+# ----------------------------------------------------------------------------------------------------------------
+
+def _forward_case(cls, input_shape, p, seed):
+    """A network of VJP_NETS (float64, weights scaled off 1), its whole-network evaluator and |w|^p leaves."""
+    from pathsgd import functional
+    torch.manual_seed(seed)
+    model = cls().double()
+    with torch.no_grad():
+        for t in model.parameters():
+            t.mul_(1.5)
+    graph = pathsgd.PathSGD(model, input_shape=input_shape).graph
+    evaluator = functional.evaluator_for(graph, None, frozenset())
+    assert evaluator.forward_program is not None, "no compiled forward for this net"
+    with torch.no_grad():
+        leaves = [t.clone() for t in evaluator._abs_pow_leaves(p, torch.device("cpu")).values()]
+    return graph, evaluator, leaves
+
+
+@pytest.mark.parametrize("target,net,p", cases((VJP_NETS, PS), targets=ABS_POW_TARGETS))
+def test_abs_pow_forward_matches_reference_and_the_table_rules(target, net, p):
+    """pathsgd::abs_pow_forward on the target's tensors against its twin on the same device, and the
+    values it gives every node against the op table's forward rules in Python (the IR's meaning);
+    two runs give the same bits; no output aliases another or an input."""
+    from pathsgd import graph as ir
+    cls, input_shape = net
+    graph, evaluator, leaves = _forward_case(cls, input_shape, p, seed=int(p))
+    ones = torch.ones((1,) + input_shape, dtype=F64, device=target.device)
+    leaves = [t.to(target.device) for t in leaves]
+    program, factors = evaluator.forward_program, evaluator._vjp_factors(p)
+    got = torch.ops.pathsgd.abs_pow_forward.default(ones, leaves, program, factors)
+    again = torch.ops.pathsgd.abs_pow_forward.default(ones, leaves, program, factors)
+    want = reference.abs_pow_forward(ones, leaves, program, factors)
+    assert len(got) == len(want) == max(k for _, k in evaluator.forward_index) + 1
+    for i, (a, b, c) in enumerate(zip(got, want, again)):
+        assert a.dtype == F64 and a.device.type == torch.device(target.device).type
+        assert torch.equal(a, b), f"value {i} differs from the twin"
+        assert torch.equal(a, c), "two runs differ"
+    pointers = [t.data_ptr() for t in got] + [ones.data_ptr()] + [t.data_ptr() for t in leaves]
+    assert len(set(pointers)) == len(pointers), "an output aliases another output or an input"
+    by_name = dict(zip(evaluator.leaf_names, leaves))
+
+    def layer_forward(node, x):
+        layer = node.data
+        return layer.forward(x, by_name[layer.weight_name], by_name.get(layer.bias_name))
+
+    env = ir.forward_values(graph, p, layer_forward, ones)
+    for node_index, k in evaluator.forward_index:
+        value = ones if k < 0 else got[k]
+        assert value.shape == env[node_index].shape
+        torch.testing.assert_close(value, env[node_index], rtol=1e-14, atol=0,
+                                   msg=lambda m: f"node {graph.nodes[node_index].name}: {m}")
+    assert bool((got[-1] > 0).all()) and not torch.equal(got[-1], torch.ones_like(got[-1])), "a vacuous check"
+
+
+def test_abs_pow_forward_rules_all_covered():
+    """The forward programs of VJP_NETS use every compiled forward rule."""
+    used = set()
+    for cls, input_shape in VJP_NETS:
+        _, evaluator, _ = _forward_case(cls, input_shape, 2.0, seed=0)
+        program, pos = evaluator.forward_program, 0
+        sizes = {reference.VJP_LINEAR: 2, reference.VJP_ADD: 1, reference.VJP_SCALE: 1}
+        while pos < len(program):
+            rule = program[pos]
+            used.add(rule)
+            if rule == reference.VJP_CONV:
+                nd = program[pos + 4]
+                pos += 5 + 3 * nd + 1
+            elif rule == reference.VJP_RESHAPE:
+                pos += 3 + program[pos + 2]
+            elif rule == reference.VJP_SUMPOOL:
+                lifted = 2 if program[pos + 2] == 1 else program[pos + 2]
+                pos += 3 + 3 * lifted + 1
+            else:
+                pos += 2 + sizes[rule]
+    assert used == {reference.VJP_CONV, reference.VJP_LINEAR, reference.VJP_RESHAPE, reference.VJP_ADD,
+                    reference.VJP_SCALE, reference.VJP_SUMPOOL}, used
+
+
+@pytest.mark.parametrize("target", on(ABS_POW_TARGETS))
+def test_abs_pow_forward_bad_programs_raise(target):
+    _, evaluator, leaves = _forward_case(_VjpNet1d, (2, 7), 2.0, seed=0)
+    ones = torch.ones(1, 2, 7, dtype=F64, device=target.device)
+    leaves = [t.to(target.device) for t in leaves]
+    op, program, factors = torch.ops.pathsgd.abs_pow_forward.default, evaluator.forward_program, [0.25]
+    with pytest.raises(RuntimeError, match="unknown rule 99"):
+        op(ones, leaves, [99, -1], factors)
+    with pytest.raises(RuntimeError, match="truncated program"):
+        op(ones, leaves, program[:-1], factors)
+    with pytest.raises(RuntimeError, match="operand 5 is not the input or an earlier instruction's value"):
+        op(ones, leaves, [reference.VJP_ADD, -1, 5], factors)
+    with pytest.raises(RuntimeError, match="leaf 9 out of range"):
+        op(ones, leaves, [reference.VJP_LINEAR, -1, 9, -1], factors)
+    with pytest.raises(RuntimeError, match="factor 3 out of range"):
+        op(ones, leaves, [reference.VJP_SCALE, -1, 3], factors)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,20 +1,24 @@
-// abs_pow_vjp: the backward pass of the abs-pow network of a conv net (the kappas of its
-// |w|^p leaves), run as one op over a compiled tape of vector-Jacobian products.
+// The abs-pow network of a conv net (|w|^p weights, all-ones input, float64, batch 1) run as
+// compiled programs, one op each way:
+//   abs_pow_forward: the value of every node (input to output);
+//   abs_pow_vjp:     the backward pass, the kappas of its |w|^p leaves (a tape of vector-Jacobian
+//                    products, output to input).
 //
-// The tape is built once per model by pathsgd/taped.py (TapedEvaluation, whose Python
-// backward is this op's reference twin). A Python loop over the tape costs more than the
-// arithmetic of these tiny float64 networks (batch 1); here each rule is a direct ATen call.
-// Only ATen ops are called, so one device-generic (CompositeExplicitAutograd) kernel serves
-// CPU and CUDA tensors alike. Accumulation follows the tape order: deterministic.
+// The programs are built once per model by pathsgd/eval_tape.py (TapeEvaluator); their twins are
+// reference.abs_pow_forward / reference.abs_pow_vjp. A Python loop over the nodes costs more than
+// the arithmetic of these tiny networks; here each rule is a direct ATen call. Only ATen ops are
+// called, so one device-generic (CompositeExplicitAutograd) kernel serves CPU and CUDA tensors
+// alike. Accumulation follows the program order: deterministic.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace pathsgd {
 namespace {
 
-// Rule codes; keep in sync with pathsgd/taped.py (_VJP_PROGRAM_CODES).
+// Rule codes of both programs; keep in sync with pathsgd/reference.py (VJP_CONV, ...).
 enum Rule : int64_t { kConv = 0, kLinear = 1, kAlias = 2, kReshape = 3, kAdd = 4, kScale = 5, kSumPool = 6 };
 
 // Reads the instruction stream front to back.
@@ -152,9 +156,87 @@ std::vector<at::Tensor> abs_pow_vjp(at::TensorList values, at::TensorList leaves
   return kappas;
 }
 
+
+// The window sums of a max pool of the model (a sum pool in the abs-pow network), as
+// pooling.sum_pool: 1-D pools run as 2-D ones.
+at::Tensor sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kernel, at::IntArrayRef stride,
+                    at::IntArrayRef padding, bool ceil_mode) {
+  if (nd == 1) {
+    return at::avg_pool2d(x.unsqueeze(-2), kernel, stride, padding, ceil_mode, /*count_include_pad=*/true,
+                          /*divisor_override=*/1)
+        .squeeze(-2);
+  }
+  if (nd == 2) return at::avg_pool2d(x, kernel, stride, padding, ceil_mode, true, 1);
+  return at::avg_pool3d(x, kernel, stride, padding, ceil_mode, true, 1);
+}
+
+std::vector<at::Tensor> abs_pow_forward(const at::Tensor& input, at::TensorList leaves, at::IntArrayRef program,
+                                        at::ArrayRef<double> factors) {
+  std::vector<at::Tensor> out;  // one value per instruction; operand -1 is the input
+  const auto value = [&](int64_t i) -> const at::Tensor& {
+    TORCH_CHECK(i >= -1 && i < static_cast<int64_t>(out.size()), "pathsgd.abs_pow_forward: operand ", i,
+                " is not the input or an earlier instruction's value (", out.size(), " so far)");
+    return i < 0 ? input : out[i];
+  };
+  const auto leaf = [&](int64_t l) -> std::optional<at::Tensor> {
+    TORCH_CHECK(l >= -1 && l < static_cast<int64_t>(leaves.size()), "pathsgd.abs_pow_forward: leaf ", l,
+                " out of range");
+    return l < 0 ? std::nullopt : std::optional<at::Tensor>(leaves[l]);
+  };
+  Reader r{program};
+  while (r.pos < program.size()) {
+    const int64_t rule = r.next();
+    const at::Tensor& x = value(r.next());
+    switch (rule) {
+      case kConv: {
+        const auto w = leaf(r.next()), b = leaf(r.next());
+        const int64_t nd = r.next();
+        const auto stride = r.next_n(nd), padding = r.next_n(nd), dilation = r.next_n(nd);
+        const int64_t groups = r.next();
+        TORCH_CHECK(w.has_value(), "pathsgd.abs_pow_forward: a convolution needs a weight leaf");
+        out.push_back(at::convolution(x, *w, b, stride, padding, dilation, /*transposed=*/false,
+                                      std::vector<int64_t>(nd, 0), groups));
+        break;
+      }
+      case kLinear: {
+        const auto w = leaf(r.next()), b = leaf(r.next());
+        TORCH_CHECK(w.has_value(), "pathsgd.abs_pow_forward: a linear layer needs a weight leaf");
+        out.push_back(at::linear(x, *w, b));
+        break;
+      }
+      case kReshape: {  // a copy: an output never aliases another output or the input
+        const auto shape = r.next_n(r.next());
+        out.push_back(x.reshape(shape).clone());
+        break;
+      }
+      case kAdd:
+        out.push_back(x + value(r.next()));
+        break;
+      case kScale: {
+        const int64_t f = r.next();
+        TORCH_CHECK(f >= 0 && f < static_cast<int64_t>(factors.size()), "pathsgd.abs_pow_forward: factor ", f,
+                    " out of range");
+        out.push_back(x * factors[f]);
+        break;
+      }
+      case kSumPool: {
+        const int64_t nd = r.next();
+        const int64_t lifted = nd == 1 ? 2 : nd;
+        const auto kernel = r.next_n(lifted), stride = r.next_n(lifted), padding = r.next_n(lifted);
+        out.push_back(sum_pool(x, nd, kernel, stride, padding, r.next() != 0));
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "pathsgd.abs_pow_forward: unknown rule ", rule, " at position ", r.pos - 2);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pathsgd, CompositeExplicitAutograd, m) {
+  m.impl("abs_pow_forward", &abs_pow_forward);
   m.impl("abs_pow_vjp", &abs_pow_vjp);
 }
 
