@@ -145,7 +145,9 @@ def write_report(results: Dict[str, Any], out: str) -> str:
                f"Median time of `optimizer.step()` (fixed random gradients, lr {st['lr']:g}) from "
                f"`torch.utils.benchmark.Timer.blocked_autorange` (min_run_time {st['min_run_time_s']} s, {st['rounds']} "
                f"rounds in rotating order, pooled) after {st['warmup_steps']} warm-up steps, {st['threads']} threads. "
-               "Ratios are to torch SGD (foreach) in the same configuration of the same run. The reference backend "
+               "Ratios are to torch SGD (foreach) in the same configuration of the same run; the *paired ratio* is the "
+               "median over the rounds of PathSGD's median block over torch SGD (foreach)'s in the same round (a burst "
+               "of load on the machine slows both alike). The reference backend "
                "(`PATHSGD_BACKEND=reference`, pure PyTorch) is timed in a subprocess started with that variable, and its "
                "ratio is to torch SGD (foreach) timed in that same subprocess. The naive baseline is "
                "`benchmarks/baselines.py` (deep copy, |w|^p, forward ones, backward, divide, torch SGD).", "",

@@ -55,7 +55,8 @@ def _timer(opt, device: str) -> Timer:
 def measure_configuration(sizes: Sequence[int], momentum: float, names: Sequence[str], device: str = "cpu",
                           min_run_time: float = 0.5, rounds: int = 2, warmup: int = 3, seed: int = 0
                           ) -> Dict[str, Dict[str, Any]]:
-    """``{optimizer: {median_s, iqr_s, blocks, ...}}`` for one model and momentum, all in this process."""
+    """``{optimizer: {median_s, iqr_s, blocks, round_medians_s, ...}}`` for one model and momentum, all
+    in this process (``round_medians_s``: the median block of each round, for paired ratios)."""
     states = {}
     for name in names:
         model, opt = _setup(sizes, name, momentum, device, seed)
@@ -65,18 +66,20 @@ def measure_configuration(sizes: Sequence[int], momentum: float, names: Sequence
             torch.cuda.synchronize()
         states[name] = (model, opt)
     blocks: Dict[str, List[float]] = {name: [] for name in names}
+    round_medians: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = list(names[r % len(names):]) + list(names[:r % len(names)])
         for name in order:
             measurement = _timer(states[name][1], device).blocked_autorange(min_run_time=min_run_time)
             blocks[name].extend(measurement.times)
+            round_medians[name].append(statistics.median(measurement.times))
     out = {}
     for name in names:
         model = states[name][0]
         times = sorted(blocks[name])
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         out[name] = {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": times[0],
-                     "n_blocks": len(times),
+                     "n_blocks": len(times), "round_medians_s": round_medians[name],
                      "weights_finite": bool(all(torch.isfinite(p).all() for p in model.parameters()))}
     del states
     gc.collect()
@@ -108,6 +111,11 @@ def run(sizes_list: Sequence[str], momenta: Sequence[float], device: str = "cpu"
             base = times["sgd_foreach"]["median_s"]
             entry["times"] = times
             entry["ratio_to_sgd_foreach"] = {n: t["median_s"] / base for n, t in times.items()}
+            # paired: the median over rounds of each round's ratio (both timed in the same round, so a burst
+            # of load on the machine slows both alike)
+            entry["paired_ratio_to_sgd_foreach"] = {
+                n: statistics.median(a / b for a, b in zip(t["round_medians_s"], times["sgd_foreach"]["round_medians_s"]))
+                for n, t in times.items()}
             # secondary, robust to interference from other processes: ratio of the fastest blocks
             entry["ratio_of_min_to_sgd_foreach"] = {n: t["min_s"] / times["sgd_foreach"]["min_s"]
                                                     for n, t in times.items()}
@@ -187,6 +195,7 @@ def headline(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def table_rows(result: Dict[str, Any]) -> (List[str], List[List[str]]):
     names = [n for n in OPTIMIZER_LABELS if any(n in e["times"] for e in result["configs"])]
     headers = ["MLP", "params", "momentum"] + [f"{OPTIMIZER_LABELS[n]} ms (ratio)" for n in names]
+    headers.insert(3 + names.index("pathsgd") + 1, "PathSGD paired ratio")
     rows = []
     for e in result["configs"]:
         row = [e["sizes"], f"{e['params'] / 1e6:.2f}M", e["momentum"]]
@@ -195,6 +204,9 @@ def table_rows(result: Dict[str, Any]) -> (List[str], List[List[str]]):
                 row.append(f"{fmt_ms(e['times'][n]['median_s'])} ({fmt_ratio(e['ratio_to_sgd_foreach'][n])})")
             else:
                 row.append("n/a")
+            if n == "pathsgd":
+                paired = e.get("paired_ratio_to_sgd_foreach", {}).get("pathsgd")
+                row.append(fmt_ratio(paired) if paired is not None else "n/a")
         rows.append(row)
     return headers, rows
 
