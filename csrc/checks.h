@@ -121,7 +121,8 @@ inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_
                                   at::TensorList weight_buffers, at::TensorList biases, at::TensorList bias_grads,
                                   at::TensorList bias_buffers, at::IntArrayRef bias_layers,
                                   const std::optional<at::Tensor>& gamma0,
-                                  const std::optional<at::Tensor>& gamma0_log_scale, double p, double momentum_value) {
+                                  const std::optional<at::Tensor>& gamma0_log_scale, double p, double momentum_value,
+                                  const std::optional<at::Tensor>& workspace) {
   constexpr const char* op = "pathsgd.dense_chain_step_";
   const int64_t n = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n > 0, op, ": needs at least one layer");
@@ -174,6 +175,13 @@ inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_
     TORCH_CHECK(gamma0_log_scale->dim() == 0 && gamma0_log_scale->scalar_type() == at::kDouble, op,
                 ": gamma0_log_scale must be a 0-dim float64 tensor, got ", gamma0_log_scale->sizes(), " ",
                 gamma0_log_scale->scalar_type());
+  }
+  if (workspace.has_value()) {
+    TORCH_CHECK(workspace->dim() == 1 && workspace->scalar_type() == at::kByte && workspace->is_contiguous() &&
+                    workspace->storage_offset() == 0 && workspace->device() == device,
+                op, ": workspace must be a 1-D contiguous uint8 tensor of its own on ", device, " (e.g. "
+                "torch.empty(0, dtype=torch.uint8, device=...)), got ", workspace->sizes(), " ",
+                workspace->scalar_type(), " on ", workspace->device());
   }
 }
 

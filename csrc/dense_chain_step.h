@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
+#include "workspace.h"
 
 #include <optional>
 #include <tuple>
@@ -47,8 +48,9 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_walk(Chain& chain, int64_t layers
   return chain.result(gout);
 }
 
-// The chain over a backend's per-layer op kernels (gamma_forward, fused_dense_step_,
-// scaled_sgd_update_: their host functions, with the op signatures) on small tensors.
+// The chain over a backend's per-layer op kernels (gamma_forward, fused_dense_step_: their host
+// functions, with the op signatures and a Workspace last; scaled_sgd_update_) on small tensors, all
+// taken from the caller's workspace.
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
 struct TensorChain {
   using Gamma = std::pair<at::Tensor, at::Tensor>;  // values (a layer's opmath dtype), 0-dim float64 log scale
@@ -62,6 +64,7 @@ struct TensorChain {
   GammaForward& gamma_forward;
   FusedStep& fused_step;
   ScaledUpdate& scaled_update;
+  Workspace& workspace;
   bool momentum;
   std::vector<std::optional<at::Tensor>> bias_of;
   std::vector<at::Tensor> bias_kappas;
@@ -71,33 +74,49 @@ struct TensorChain {
   at::Tensor as_opmath(const at::Tensor& g, int64_t l) const {
     return g.scalar_type() == opmath_of(l) ? g : g.to(opmath_of(l));
   }
-  at::Tensor zero_log_scale() const { return at::zeros({}, weights[0].options().dtype(at::kDouble)); }
+  at::Tensor filled(int64_t n, at::ScalarType dtype, double value) {
+    return workspace.empty(n < 0 ? at::IntArrayRef{} : at::IntArrayRef{n}, weights[0].options().dtype(dtype))
+        .fill_(value);
+  }
+  Gamma unit_gamma(int64_t l, int64_t n) { return {filled(n, opmath_of(l), 1.0), filled(-1, at::kDouble, 0.0)}; }
 
   Gamma input_gamma() {
     if (gamma0.has_value()) return {*gamma0, *gamma0_log_scale};
-    return {at::ones({weights[0].size(1)}, weights[0].options().dtype(opmath_of(0))), zero_log_scale()};
+    return unit_gamma(0, weights[0].size(1));
   }
   Gamma output_gamma() {
     const int64_t last = static_cast<int64_t>(weights.size()) - 1;
-    return {at::ones({weights[last].size(0)}, weights[last].options().dtype(opmath_of(last))), zero_log_scale()};
+    return unit_gamma(last, weights[last].size(0));
   }
   Gamma forward(int64_t l, Gamma& gin) {
-    auto [v, scale] = gamma_forward(weights[l], bias_of[l], as_opmath(gin.first, l), gin.second, p);
+    auto [v, scale] = gamma_forward(weights[l], bias_of[l], as_opmath(gin.first, l), gin.second, p, workspace);
     return {std::move(v), std::move(scale)};
   }
-  void bias_kappa(size_t k, const Gamma& gout) { bias_kappas[k] = gout.first.to(at::kDouble) * gout.second.exp(); }
+  // gamma_out * exp(log scale) in float64.
+  void bias_kappa(size_t k, const Gamma& gout) {
+    const at::TensorOptions f64 = gout.first.options().dtype(at::kDouble);
+    at::Tensor scale = workspace.empty({}, f64);
+    at::exp_out(scale, gout.second);
+    bias_kappas[k] = workspace.empty({gout.first.size(0)}, f64).copy_(gout.first).mul_(scale);
+  }
   Gamma fused(int64_t l, Gamma& gin, Gamma& gout) {
     at::Tensor w = weights[l];
     auto [v, scale] = fused_step(w, weight_grads[l],
                                  momentum ? std::optional<at::Tensor>(weight_buffers[l]) : std::nullopt,
                                  as_opmath(gin.first, l), gin.second, as_opmath(gout.first, l), gout.second, p, sgd,
-                                 lr_tensor);
+                                 lr_tensor, workspace);
     return {std::move(v), std::move(scale)};
   }
   void update_biases() {
     if (!biases.empty()) scaled_update(biases, bias_grads, bias_buffers, bias_kappas, p, sgd, lr_tensor);
   }
-  std::tuple<at::Tensor, at::Tensor> result(Gamma& gout) { return {gout.first, gout.second}; }
+  // Its own tensors (the workspace's are overwritten by the next step), after which the workspace
+  // grows to what this step took.
+  std::tuple<at::Tensor, at::Tensor> result(Gamma& gout) {
+    std::tuple<at::Tensor, at::Tensor> out{gout.first.clone(), gout.second.clone()};
+    workspace.finish();
+    return out;
+  }
 };
 
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
@@ -105,15 +124,16 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
     at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
     const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor, GammaForward&& gamma_forward,
-    FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
+    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace,
+    GammaForward&& gamma_forward, FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
   const SgdArgs a = checks::sgd_args(sgd, "dense_chain_step_");
   checks::dense_chain_step_args(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                                gamma0, gamma0_log_scale, p, a.momentum);
+                                gamma0, gamma0_log_scale, p, a.momentum, workspace);
   const int64_t n = static_cast<int64_t>(weights.size());
+  Workspace scratch(workspace);
   TensorChain<GammaForward, FusedStep, ScaledUpdate> chain{
       weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, gamma0, gamma0_log_scale, p, sgd,
-      lr_tensor, gamma_forward, fused_step, scaled_update, a.momentum != 0.0, {}, {}};
+      lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {}, {}};
   chain.bias_of.resize(n);
   for (size_t k = 0; k < biases.size(); ++k) chain.bias_of[bias_layers[k]] = biases[k];
   chain.bias_kappas.resize(biases.size());

@@ -42,11 +42,13 @@ TORCH_LIBRARY(pathsgd, m) {
   // The fused step of a whole chain of dense layers in one call (csrc/dense_chain_step.h): gamma
   // forward, every layer's fused pass output to input, the biases' multi-tensor update. gamma0
   // (with its log scale) is the chain's input gamma when the chain is the head of a larger model;
-  // returns the gamma_out at the chain's input, from the old weights.
+  // returns the gamma_out at the chain's input, from the old weights. workspace: a byte tensor
+  // the caller keeps across steps for the op's small tensors (csrc/workspace.h; CUDA).
   m.def(
       "dense_chain_step_(Tensor(a!)[] weights, Tensor[] weight_grads, Tensor(b!)[] weight_buffers, "
       "Tensor(c!)[] biases, Tensor[] bias_grads, Tensor(d!)[] bias_buffers, int[] bias_layers, Tensor? gamma0, "
-      "Tensor? gamma0_log_scale, float p, float[] sgd, Tensor? lr_tensor) -> (Tensor, Tensor)");
+      "Tensor? gamma0_log_scale, float p, float[] sgd, Tensor? lr_tensor, Tensor(e!)? workspace=None) -> "
+      "(Tensor, Tensor)");
   // Multi-tensor Path-SGD update with materialized float64 kappa (conv weights, biases).
   m.def(
       "scaled_sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

@@ -206,12 +206,13 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
 def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
                       biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
                       bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
-                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
-    """The fused Path-SGD step of a whole dense chain in one call; see the reference."""
+                      sgd: SgdParams, workspace: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The fused Path-SGD step of a whole dense chain in one call; see the reference. ``workspace``:
+    a uint8 tensor kept across steps for the op's small tensors (CUDA; it grows at the first step)."""
     lists = (weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0,
              gamma0_log_scale)
     if _use_compiled(weights[0]):
-        return _K.dense_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor)
+        return _K.dense_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor, workspace)
     return reference.dense_chain_step_(*lists, p, sgd)
 
 
@@ -262,7 +263,7 @@ def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log
 
 
 def _dense_chain_step_fake(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                           gamma0, gamma0_log_scale, p, sgd, lr_tensor):
+                           gamma0, gamma0_log_scale, p, sgd, lr_tensor, workspace=None):
     first = weights[0]
     opmath = reference.opmath_dtype(first.dtype)
     return first.new_empty((first.shape[1],), dtype=opmath), first.new_empty((), dtype=torch.float64)

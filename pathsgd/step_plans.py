@@ -57,6 +57,8 @@ class ChainStepPlan:
         self.slots = [(layer.module._parameters, "weight", w) for layer, w in zip(chain.layers, self.weights)]
         self.slots += [(chain.layers[i].module._parameters, "bias", b) for i, b in zip(self.bias_layers, self.biases)]
         self.device_type = self.weights[0].device.type
+        # The chain op's small tensors, kept across steps (it grows to their size at the first step).
+        self.workspace = torch.empty(0, dtype=torch.uint8, device=self.weights[0].device)
 
     @property
     def params(self) -> List[Tensor]:
@@ -76,6 +78,8 @@ class ChainStepPlan:
         biases = _grads_and_buffers(self.biases, state, momentum)
         if weights is None or biases is None:
             return None
+        if self.workspace.device != self.weights[0].device:  # the model moved to another GPU
+            self.workspace = torch.empty(0, dtype=torch.uint8, device=self.weights[0].device)
         return [self.weights, *weights, self.biases, *biases, self.bias_layers]
 
     def step(self, state: Dict[Tensor, Any]) -> bool:
@@ -84,7 +88,7 @@ class ChainStepPlan:
             return False
         group = self.group
         try:
-            ops.dense_chain_step_(*args, None, None, float(group["p"]), group_sgd(group, False))
+            ops.dense_chain_step_(*args, None, None, float(group["p"]), group_sgd(group, False), self.workspace)
         except RuntimeError:  # the op checks every argument before it changes anything
             return False
         return True
@@ -133,7 +137,7 @@ class TrunkStepPlan(ChainStepPlan):
         x = acts.env[graph.head_input]
         v, s = to_log_scaled(x.reshape(-1), opmath_dtype(self.weights[0].dtype))
         try:
-            gamma_out = ops.dense_chain_step_(*chain, v, s, p, sgd)
+            gamma_out = ops.dense_chain_step_(*chain, v, s, p, sgd, self.workspace)
         except RuntimeError:  # the op checks every argument before it changes anything
             return False
         kappas = evaluator.backward(acts, from_log_scaled(gamma_out, x.device)).kappas

@@ -286,6 +286,49 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
             assert torch.equal(a, b), f"{changes}: the failed call changed a tensor"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("initial", [0, 24])
+def test_dense_chain_step_workspace_is_reused_and_changes_no_bits(target, initial):
+    """With a workspace (the step plan's, kept across steps) the op gives the bits it gives without
+    one. The CUDA kernels take their small tensors from it: the first call grows it (from empty, or
+    from too small: the rest were fresh allocations), later calls find everything in it (no growth,
+    the same storage). The CPU op keeps its vectors on the host and leaves it as it is. No output is
+    a view of it."""
+    name, ns, device, _ = target
+    case = Chain(4, torch.float32, 2.0, 1, True)  # 40-65-130-3, a bias on every layer, momentum, gamma0
+    plain_args = case.args(device)
+    plain = ns.dense_chain_step_.default(*plain_args)
+    workspace = torch.empty(initial, dtype=torch.uint8, device=device)
+    for call in range(3):
+        args = case.args(device)
+        got = ns.dense_chain_step_.default(*args, workspace)
+        for i, (a, b) in enumerate(zip(_state(args) + list(got), _state(plain_args) + list(plain))):
+            assert same_bits(a, b), f"call {call}: output {i} differs from the op without a workspace"
+        for t in got:
+            assert t.untyped_storage().data_ptr() != workspace.untyped_storage().data_ptr()
+        if call == 0:
+            size, storage = workspace.numel(), workspace.data_ptr()
+        assert (workspace.numel(), workspace.data_ptr()) == (size, storage), f"call {call} grew the workspace"
+    if name == "cpu":
+        assert size == initial
+    else:  # at least every layer's float32 gamma_in and gamma_out
+        assert size >= 4 * 2 * (40 + 65 + 130 + 3), size
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dense_chain_step_bad_workspace_raises_and_changes_nothing(target):
+    _, ns, device, _ = target
+    case = Chain(2, torch.float32, 2.0, 1, False)
+    args = case.args(device)
+    before = [t.clone() for t in _state(args)]
+    for bad in (torch.empty(8, dtype=torch.float32, device=device), torch.empty(2, 4, dtype=torch.uint8, device=device),
+                torch.empty(16, dtype=torch.uint8, device=device)[4:]):
+        with pytest.raises(RuntimeError, match="workspace must be a 1-D contiguous uint8 tensor of its own"):
+            ns.dense_chain_step_.default(*args, bad)
+        for a, b in zip(_state(args), before):
+            assert torch.equal(a, b), "the failed call changed a tensor"
+
+
 @pytest.mark.skipif(not ops.has_kernel("cpu"), reason="compiled CPU kernels not built")
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("with_gamma0", [False, True])

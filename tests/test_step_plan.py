@@ -93,9 +93,14 @@ def test_mlp_steps_are_one_op_call_and_match_the_general_path(monkeypatch, hyper
     # momentum: the first step creates the buffers on the general path; then the plan, one op call a step
     assert calls.general == (1 if hyper["momentum"] else 0), calls.general
     assert calls.chain_op == 6
+    plan = opt._plan[1]
+    size = plan.workspace.numel()
+    train(model, opt, steps=2)  # later steps: the chain op's workspace does not grow
+    assert plan.workspace.numel() == size and opt._plan[1] is plan
     twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.05, **hyper))
     train(twin, twin_opt, steps=6)
-    assert calls.general == 6 + (1 if hyper["momentum"] else 0)
+    train(twin, twin_opt, steps=2)
+    assert calls.general == 8 + (1 if hyper["momentum"] else 0)
     assert_same(model, twin, opt, twin_opt)
     assert not torch.equal(model.fc1.weight, Net().fc1.weight)
 

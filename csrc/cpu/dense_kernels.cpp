@@ -565,10 +565,11 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_step_cpu(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
     at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
     const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor) {
+    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor,
+    const std::optional<at::Tensor>& workspace) {  // checked, not used: the CPU keeps its small vectors on the host
   const SgdArgs a = checks::sgd_args(sgd, "dense_chain_step_");
   checks::dense_chain_step_args(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                                gamma0, gamma0_log_scale, p, a.momentum);
+                                gamma0, gamma0_log_scale, p, a.momentum, workspace);
   const int64_t n = static_cast<int64_t>(weights.size());
   HostChain chain{weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, gamma0, gamma0_log_scale, p,
                   a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};

@@ -12,6 +12,7 @@
 
 #include "cuda_common.cuh"
 #include "../dense_chain_step.h"
+#include "../workspace.h"
 
 namespace pathsgd {
 namespace cuda {
@@ -175,9 +176,11 @@ void launch_gamma_rows(const scalar_t* W, const at::opmath_type<scalar_t>* x, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                      const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale,
-                                                      double p) {
+// Its small tensors come from `ws` (the chain's workspace; fresh allocations for the op itself).
+std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda_in(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& gamma_in,
+                                                         const at::Tensor& gamma_in_log_scale, double p,
+                                                         Workspace& ws) {
   constexpr const char* op = "gamma_forward";
   checks::gamma_forward_args(weight, bias, gamma_in, gamma_in_log_scale, p);
   TORCH_CHECK(weight.is_cuda(), "pathsgd.gamma_forward: weight must be a CUDA tensor, got ", weight.device());
@@ -191,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, 
   const at::Tensor w = weight.contiguous();
   const at::Tensor x = gamma_in.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({rows}, gamma_in.options());
-  at::Tensor bias_pow = bias.has_value() ? at::empty({rows}, gamma_in.options().dtype(at::kDouble)) : at::Tensor();
-  at::Tensor out_log_scale = at::empty({}, weight.options().dtype(at::kDouble));
+  at::Tensor out = ws.empty({rows}, gamma_in.options());
+  at::Tensor bias_pow = bias.has_value() ? ws.empty({rows}, gamma_in.options().dtype(at::kDouble)) : at::Tensor();
+  at::Tensor out_log_scale = ws.empty({}, weight.options().dtype(at::kDouble));
   const DeviceScalar in_log_scale = log_scale_arg(gamma_in_log_scale);
   const PowKind kind = pow_kind(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gamma_forward_cuda", [&] {
@@ -220,6 +223,13 @@ std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, 
     launch_normalize<opmath_t>(y, bp, rows, in_log_scale, out_log_scale.mutable_data_ptr<double>(), stream);
   });
   return {out, out_log_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> gamma_forward_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                      const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale,
+                                                      double p) {
+  Workspace fresh;
+  return gamma_forward_cuda_in(weight, bias, gamma_in, gamma_in_log_scale, p, fresh);
 }
 
 // ---------------------------------------------------------------------------
@@ -411,11 +421,11 @@ void launch_fused_tiles(bool aligned, dim3 grid, cudaStream_t stream, scalar_t* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
+std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda_in(
     at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& momentum_buffer,
     const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale, const at::Tensor& gamma_out,
     const at::Tensor& gamma_out_log_scale, double p, at::ArrayRef<double> sgd,
-    const std::optional<at::Tensor>& lr_tensor) {
+    const std::optional<at::Tensor>& lr_tensor, Workspace& ws) {
   constexpr const char* op = "fused_dense_step_";
   const SgdArgs a = checks::sgd_args(sgd, op);
   checks::fused_dense_step_args(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
@@ -440,8 +450,8 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
   const DeviceScalar s_out = log_scale_arg(gamma_out_log_scale);
   const at::Tensor gin = gamma_in.contiguous();
   const at::Tensor gout = gamma_out.contiguous();
-  at::Tensor y = at::empty({cols}, gamma_in.options());
-  at::Tensor out_log_scale = at::empty({}, weight.options().dtype(at::kDouble));
+  at::Tensor y = ws.empty({cols}, gamma_in.options());
+  at::Tensor out_log_scale = ws.empty({}, weight.options().dtype(at::kDouble));
   const at::Tensor g = update ? grad->contiguous() : at::Tensor();
   with_contiguous(weight, [&](const at::Tensor& w) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fused_dense_step_cuda", [&] {
@@ -460,10 +470,10 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
         SgdParams<opmath_t> h;
         if (update) {
           h = make_sgd_params<opmath_t>(a, a.lr);
-          row_scale = at::empty({rows}, gamma_out.options());
-          col_scale = at::empty({cols}, gamma_in.options());
-          logs = at::empty({rows + cols}, gamma_in.options().dtype(at::kDouble));
-          exact_flag = at::empty({1}, gamma_in.options().dtype(at::kInt));
+          row_scale = ws.empty({rows}, gamma_out.options());
+          col_scale = ws.empty({cols}, gamma_in.options());
+          logs = ws.empty({rows + cols}, gamma_in.options().dtype(at::kDouble));
+          exact_flag = ws.empty({1}, gamma_in.options().dtype(at::kInt));
           // Stay well inside the opmath range (float: e^80 ~ 5.5e34), as on the CPU.
           const double log_limit = std::is_same_v<opmath_t, double> ? 700.0 : 80.0;
           kappa_factors_kernel<opmath_t><<<1, kFactorThreads, 0, stream>>>(
@@ -485,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
         const int64_t row_tiles = ceil_div(rows, rows_per_tile);
         TORCH_CHECK(col_tiles <= std::numeric_limits<int32_t>::max(), "pathsgd.fused_dense_step_: too many columns (",
                     cols, ")");
-        at::Tensor partial = row_tiles > 1 ? at::empty({row_tiles, cols}, gamma_in.options()) : y;
+        at::Tensor partial = row_tiles > 1 ? ws.empty({row_tiles, cols}, gamma_in.options()) : y;
         opmath_t* P = partial.mutable_data_ptr<opmath_t>();
         const bool aligned = cols % VEC == 0 && is_aligned16(W) && (G == nullptr || is_aligned16(G)) &&
                              (B == nullptr || is_aligned16(B));
@@ -514,19 +524,29 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
   return {y, out_log_scale};
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
+    at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& momentum_buffer,
+    const at::Tensor& gamma_in, const at::Tensor& gamma_in_log_scale, const at::Tensor& gamma_out,
+    const at::Tensor& gamma_out_log_scale, double p, at::ArrayRef<double> sgd,
+    const std::optional<at::Tensor>& lr_tensor) {
+  Workspace fresh;
+  return fused_dense_step_cuda_in(weight, grad, momentum_buffer, gamma_in, gamma_in_log_scale, gamma_out,
+                                  gamma_out_log_scale, p, sgd, lr_tensor, fresh);
+}
+
 
 // The whole dense chain in one call (csrc/dense_chain_step.h) over this file's kernels.
 std::tuple<at::Tensor, at::Tensor> dense_chain_step_cuda(
     at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
     at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
     const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor) {
+    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace) {
   TORCH_CHECK(!weights.empty(), "pathsgd.dense_chain_step_: needs at least one layer");
   check_cuda_tensor(weights[0], weights[0].device(), "dense_chain_step_", "weights[0]");
   const c10::cuda::CUDAGuard guard(weights[0].device());  // the chain's own small tensors and ops
   return dense_chain_step(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                          gamma0, gamma0_log_scale, p, sgd, lr_tensor, gamma_forward_cuda, fused_dense_step_cuda,
-                          scaled_sgd_update_cuda);
+                          gamma0, gamma0_log_scale, p, sgd, lr_tensor, workspace, gamma_forward_cuda_in,
+                          fused_dense_step_cuda_in, scaled_sgd_update_cuda);
 }
 
 }  // namespace
