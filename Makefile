@@ -16,9 +16,11 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CUDA_EMU_DIR ?= ../shared/cuda-emu
 CUDA_EMU_LIB := build/cuda-emu/libpathsgd_emu.so
 # The optimizer-level tests that also run through the emulated CUDA kernels: SGD parity against
-# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism.
+# the brute-force oracles, rescaling invariance and its negative control, clamp, determinism, the step
+# plans against the general path, the reference backend against this one.
 CUDA_EMU_STEP_TESTS := sgd_parity or rescaling or clamp_matches_oracle or kappa_recomputed or \
-	deterministic_training or linear_in_dag or dense_head_step or kappa_every or one_op_call
+	deterministic_training or linear_in_dag or dense_head_step or kappa_every or one_op_call or \
+	trunk_plan or reference_backend_env_var
 
 .PHONY: test bench build venv env clean cuda-emu test-cuda-emu
 
