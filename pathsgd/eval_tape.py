@@ -145,6 +145,7 @@ class TapeEvaluator:
         node has no compiled forward rule (the forward then runs the table's rules in Python)."""
         self.forward_program: Optional[List[int]] = None
         self.forward_index: Optional[List[Tuple[int, int]]] = None
+        self.slot_values: Optional[List[int]] = None
         if self.dense:
             return
         program: List[int] = []
@@ -188,8 +189,10 @@ class TapeEvaluator:
         self.scale_nodes += new_scales
         self.forward_program = program
         self.forward_index = list(index.items())
+        # The VJP's values (slot order) as indices into the forward op's output (-1: the input).
+        self.slot_values = [index[i] for i in self.slots] if all(i in index for i in self.slots) else None
 
-    def _vjp_factors(self, p: float) -> List[float]:
+    def vjp_factors(self, p: float) -> List[float]:
         """The constant edge weights |c|^p of the tape's multiplications, per p."""
         factors = self._factors.get(p)
         if factors is None:
@@ -200,10 +203,12 @@ class TapeEvaluator:
     def _device(self) -> torch.device:
         return next(iter(self.graph.layers.values())).weight.device
 
-    def _abs_pow_leaves(self, p: float, device: torch.device) -> Dict[str, Tensor]:
-        """``{name: |w|^p}`` in float64: one multi-tensor copy of the current parameters (read
-        from their modules on every call) into reused buffers, then an in-place power."""
-        sources = [layer.effective(kind) for _, layer, kind in self.leaf_sources]
+    def abs_pow_leaves(self, p: float, device: torch.device, sources: Optional[List[Tensor]] = None) -> List[Tensor]:
+        """``|w|^p`` of every leaf in float64, in leaf order: one multi-tensor copy of the current
+        parameters (``sources``, in leaf order; by default read from their modules) into reused
+        buffers, then an in-place power."""
+        if sources is None:
+            sources = [layer.effective(kind) for _, layer, kind in self.leaf_sources]
         buffers = self._leaf_buffers.get(device)
         if buffers is None or any(b.shape != t.shape for b, t in zip(buffers, sources)):
             buffers = self._leaf_buffers[device] = [torch.empty(t.shape, dtype=torch.float64, device=device)
@@ -211,20 +216,40 @@ class TapeEvaluator:
         if buffers:
             torch._foreach_copy_(buffers, sources)
             reference.abs_pow_list_(buffers, p)
-        return dict(zip(self.leaf_names, buffers))
+        return buffers
 
-    def _ones_input(self, device: torch.device) -> Tensor:
+    def ones_input(self, device: torch.device) -> Tensor:
         """The abs-pow network's all-ones input (read-only: nothing writes to it)."""
         ones = self._ones.get(device)
         if ones is None:
             ones = self._ones[device] = torch.ones((1,) + self.graph.input_shape, dtype=torch.float64, device=device)
         return ones
 
+    @property
+    def compiled(self) -> bool:
+        """Forward and backward up to ``stop`` are one op each (:meth:`forward_op`, :meth:`backward_op`)."""
+        return self.forward_program is not None and self.slot_values is not None and not self.local_nodes
+
+    def forward_op(self, p: float, device: torch.device, sources: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(leaves, values)``: :meth:`forward` of a compiled evaluator without its per-node Python
+        (``sources``: the parameters in leaf order; ``values``: the forward op's output)."""
+        leaves = self.abs_pow_leaves(p, device, sources)
+        return leaves, ops.abs_pow_forward(self.ones_input(device), leaves, self.forward_program, self.vjp_factors(p))
+
+    def backward_op(self, values: List[Tensor], leaves: List[Tensor], seed: Tensor, p: float) -> List[Tensor]:
+        """:meth:`backward` of a compiled evaluator with a ``stop`` from :meth:`forward_op`'s output:
+        kappa of every leaf, in leaf order (``seed``: d phi_p^p / d value at ``stop``, any shape)."""
+        ones = self.ones_input(leaves[0].device)
+        stop_value = values[self.slot_values[self.slots[self.stop]]]
+        return ops.abs_pow_vjp([ones if k < 0 else values[k] for k in self.slot_values], leaves,
+                               [seed.reshape(stop_value.shape)], [self.slots[self.stop]], self.program,
+                               self.vjp_factors(p))
+
     @torch.no_grad()
     def forward(self, p: float) -> Activations:
         """The abs-pow network up to ``stop`` from the current weights."""
         device = self._device()
-        leaves = self._abs_pow_leaves(p, device)
+        leaves = dict(zip(self.leaf_names, self.abs_pow_leaves(p, device)))
         gamma_in: Dict[str, LogScaled] = {}
 
         def layer_forward(node: PathNode, x: Tensor) -> Tensor:
@@ -240,9 +265,9 @@ class TapeEvaluator:
             y = (y.double() * log_scale.exp()).reshape(1, -1)
             return y + bias if bias is not None else y
 
-        ones = self._ones_input(device)
+        ones = self.ones_input(device)
         if self.forward_program is not None:
-            values = ops.abs_pow_forward(ones, list(leaves.values()), self.forward_program, self._vjp_factors(p))
+            values = ops.abs_pow_forward(ones, list(leaves.values()), self.forward_program, self.vjp_factors(p))
             env: List[Any] = [None] * len(self.graph.nodes)
             for i, k in self.forward_index:
                 env[i] = ones if k < 0 else values[k]
@@ -266,7 +291,7 @@ class TapeEvaluator:
         seed_nodes = [i for i in seeds if i in slots]
         dense_out: Dict[str, Tuple[LogScaled, Tensor]] = {}
         args = ([env[i] for i in slots], list(acts.leaves.values()), [seeds[i] for i in seed_nodes],
-                [slots[i] for i in seed_nodes], self.program, self._vjp_factors(p))
+                [slots[i] for i in seed_nodes], self.program, self.vjp_factors(p))
         if self.local_nodes:  # nodes without a compiled rule: the Python interpreter calls back
             kappa_list = reference.abs_pow_vjp(
                 *args, local_vjp=lambda k, gy: self._local_vjp(self.local_nodes[k], gy, acts, dense_out))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import ops
 from .eval_dense import from_log_scaled, to_log_scaled
+from .eval_tape import TapeEvaluator
 from .functional import evaluator_for, group_sgd
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
@@ -96,16 +97,27 @@ class ChainStepPlan:
 
 class TrunkStepPlan(ChainStepPlan):
     """The step of a conv net (``graph.head`` after a trunk) optimized by one param group, every
-    trunk layer's kappa materialized by the trunk's tape (no dense layer in the trunk)."""
+    trunk layer's kappa materialized by the trunk's tape (no dense layer in the trunk).
+
+    When the trunk's forward and backward are compiled programs (every node has a compiled rule),
+    a step is the evaluator's ``forward_op`` (float64 ``|w|^p`` leaves, ``abs_pow_forward``), the
+    head's ``dense_chain_step_``, ``backward_op`` (``abs_pow_vjp`` seeded with its gamma_out) and
+    ``scaled_sgd_update_``: ``forward`` / ``backward`` without their per-node Python.
+    """
 
     def __init__(self, graph: PathGraph, group: Dict[str, Any]) -> None:
         super().__init__(graph.head, group)
         self.graph = graph
-        leaves = evaluator_for(graph, graph.head_input, frozenset()).leaf_sources
+        self.evaluator = evaluator = evaluator_for(graph, graph.head_input, frozenset())
         named = graph.named_parameters()
-        self.leaf_names = [name for name, _, _ in leaves]
+        self.leaf_names = [name for name, _, _ in evaluator.leaf_sources]
         self.trunk_params = [named[name] for name in self.leaf_names]
-        self.slots += [(layer.module._parameters, kind, t) for (_, layer, kind), t in zip(leaves, self.trunk_params)]
+        self.slots += [(layer.module._parameters, kind, t)
+                       for (_, layer, kind), t in zip(evaluator.leaf_sources, self.trunk_params)]
+        stop = graph.head_input
+        # forward_op / backward_op: the evaluator's passes without their per-node Python
+        self.compiled = isinstance(evaluator, TapeEvaluator) and evaluator.compiled and bool(self.trunk_params)
+        self.head_value = evaluator.slot_values[evaluator.slots[stop]] if self.compiled else None
 
     def _trunk_args(self, state: Dict[Tensor, Any]) -> Optional[list]:
         """The trunk's (grads, buffers), or None when one does not match its parameter (the
@@ -132,14 +144,24 @@ class TrunkStepPlan(ChainStepPlan):
         if trunk is None:
             return False
         p, sgd = float(group["p"]), group_sgd(group, False)
-        evaluator = evaluator_for(graph, graph.head_input, frozenset())
-        acts = evaluator.forward(p)
-        x = acts.env[graph.head_input]
-        v, s = to_log_scaled(x.reshape(-1), opmath_dtype(self.weights[0].dtype))
+        opmath = opmath_dtype(self.weights[0].dtype)
+        evaluator = self.evaluator
+        if self.compiled:
+            leaves, values = evaluator.forward_op(p, self.weights[0].device, self.trunk_params)
+            x = values[self.head_value]
+        else:
+            acts = evaluator.forward(p)
+            x = acts.env[graph.head_input]
+        v, s = to_log_scaled(x.reshape(-1), opmath)
         try:
             gamma_out = ops.dense_chain_step_(*chain, v, s, p, sgd, self.workspace)
         except RuntimeError:  # the op checks every argument before it changes anything
             return False
-        kappas = evaluator.backward(acts, from_log_scaled(gamma_out, x.device)).kappas
-        ops.scaled_sgd_update_(self.trunk_params, *trunk, [kappas[name] for name in self.leaf_names], p, sgd)
+        seed = from_log_scaled(gamma_out, x.device)
+        if self.compiled:
+            kappas = evaluator.backward_op(values, leaves, seed, p)
+        else:
+            found = evaluator.backward(acts, seed).kappas
+            kappas = [found[name] for name in self.leaf_names]
+        ops.scaled_sgd_update_(self.trunk_params, *trunk, kappas, p, sgd)
         return True

@@ -1544,7 +1544,7 @@ def _forward_case(cls, input_shape, p, seed):
     evaluator = functional.evaluator_for(graph, None, frozenset())
     assert evaluator.forward_program is not None, "no compiled forward for this net"
     with torch.no_grad():
-        leaves = [t.clone() for t in evaluator._abs_pow_leaves(p, torch.device("cpu")).values()]
+        leaves = [t.clone() for t in evaluator.abs_pow_leaves(p, torch.device("cpu"))]
     return graph, evaluator, leaves
 
 
@@ -1558,7 +1558,7 @@ def test_abs_pow_forward_matches_reference_and_the_table_rules(target, net, p):
     graph, evaluator, leaves = _forward_case(cls, input_shape, p, seed=int(p))
     ones = torch.ones((1,) + input_shape, dtype=F64, device=target.device)
     leaves = [t.to(target.device) for t in leaves]
-    program, factors = evaluator.forward_program, evaluator._vjp_factors(p)
+    program, factors = evaluator.forward_program, evaluator.vjp_factors(p)
     got = torch.ops.pathsgd.abs_pow_forward.default(ones, leaves, program, factors)
     again = torch.ops.pathsgd.abs_pow_forward.default(ones, leaves, program, factors)
     want = reference.abs_pow_forward(ones, leaves, program, factors)

@@ -165,14 +165,15 @@ def test_no_plan_for_two_param_groups_or_a_replaced_parameter(monkeypatch):
 # ---- conv nets: functional/step_plans.TrunkStepPlan ---------------------------------------------------------
 class ConvNet(nn.Module):
     """The pytorch/examples MNIST net, scaled down (12x12 inputs), with an adaptive pool so that
-    it takes several input sizes."""
+    it takes several input sizes (a node without a compiled rule: the plan runs the evaluator), or
+    without it (12x12 only: the trunk's forward and backward are compiled programs)."""
 
-    def __init__(self, batchnorm: bool = False) -> None:
+    def __init__(self, batchnorm: bool = False, adaptive: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 6, 3, 1)
         self.bn = nn.BatchNorm2d(6) if batchnorm else nn.Identity()
         self.conv2 = nn.Conv2d(6, 8, 3, 1)
-        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(4) if adaptive else nn.Identity()
         self.dropout1 = nn.Dropout(0.25)
         self.fc1 = nn.Linear(128, 16)
         self.fc2 = nn.Linear(16, 5)
@@ -203,25 +204,28 @@ def train_cnn(model, opt, steps, seed=0, sizes=(12,), between=None):
 
 
 class TrunkCalls(Calls):
-    """Also counts the trunk's backward passes (one per step on either path)."""
+    """Also counts the trunk's backward passes (one per step on either path): the evaluator's
+    ``backward``, or its ``backward_op`` (the plan, when the trunk's passes are compiled ops)."""
 
     def __init__(self, monkeypatch) -> None:
         super().__init__(monkeypatch)
         self.vjp = 0
-        backward = TapeEvaluator.backward
+        for name in ("backward", "backward_op"):
+            method = getattr(TapeEvaluator, name)
 
-        def counted_backward(*args, **kwargs):
-            self.vjp += 1
-            return backward(*args, **kwargs)
+            def counted(*args, _method=method, **kwargs):
+                self.vjp += 1
+                return _method(*args, **kwargs)
 
-        monkeypatch.setattr(TapeEvaluator, "backward", counted_backward)
+            monkeypatch.setattr(TapeEvaluator, name, counted)
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
 @pytest.mark.parametrize("hyper", [dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
                                    dict(momentum=0.0, clamp=0.3, p=3), dict(momentum=0.9, dampening=0.2, p=1)])
-def test_cnn_steps_take_the_trunk_plan_and_match_the_general_path(monkeypatch, hyper):
+def test_cnn_steps_take_the_trunk_plan_and_match_the_general_path(monkeypatch, hyper, adaptive):
     torch.manual_seed(4)
-    model = ConvNet()
+    model = ConvNet(adaptive=adaptive)
     twin = copy.deepcopy(model)
     calls = TrunkCalls(monkeypatch)
     opt = pathsgd.PathSGD(model, lr=0.02, **hyper)
@@ -229,6 +233,7 @@ def test_cnn_steps_take_the_trunk_plan_and_match_the_general_path(monkeypatch, h
     assert calls.general == (1 if hyper["momentum"] else 0), calls.general
     assert calls.chain_op == calls.vjp == 5
     assert isinstance(opt._plan[1], pathsgd.step_plans.TrunkStepPlan)
+    assert opt._plan[1].compiled is not adaptive
     twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.02, **hyper))
     train_cnn(twin, twin_opt, steps=5)
     assert calls.general == 5 + (1 if hyper["momentum"] else 0)
@@ -256,9 +261,10 @@ def test_cnn_plan_follows_the_input_shape_and_eval_batchnorm(monkeypatch):
     assert_same(model, twin, opt, twin_opt)
 
 
-def test_cnn_plan_bad_input_gets_the_named_error_and_changes_nothing():
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_cnn_plan_bad_input_gets_the_named_error_and_changes_nothing(adaptive):
     torch.manual_seed(6)
-    model = ConvNet(batchnorm=True)
+    model = ConvNet(batchnorm=True, adaptive=adaptive)
     model.bn.eval()
     model.bn.requires_grad_(False)
     opt = pathsgd.PathSGD(model, lr=0.02, momentum=0.9)
@@ -284,9 +290,10 @@ def test_cnn_plan_bad_input_gets_the_named_error_and_changes_nothing():
     unchanged()
 
 
-def test_cnn_frozen_layer_and_cast_model_take_the_general_path_and_match(monkeypatch):
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_cnn_frozen_layer_and_cast_model_take_the_general_path_and_match(monkeypatch, adaptive):
     torch.manual_seed(7)
-    model = ConvNet()
+    model = ConvNet(adaptive=adaptive)
     twin = copy.deepcopy(model)
 
     def between(step, net):
