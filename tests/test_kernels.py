@@ -1608,6 +1608,68 @@ def test_abs_pow_forward_rules_all_covered():
                     reference.VJP_SCALE, reference.VJP_SUMPOOL}, used
 
 
+# (nd, input shape without batch, out channels, kernel, stride, padding, dilation, groups)
+DIRECT_CONVS = [
+    (1, (1, 40), 32, (5,), (1,), (2,), (1,), 1),      # the MNIST-1D CNN's first layer
+    (1, (6, 13), 4, (3,), (2,), (0,), (1,), 2),       # strided, grouped, odd length
+    (1, (3, 9), 5, (3,), (1,), (4,), (3,), 1),        # padding wider than the reach, dilated
+    (1, (2, 4), 3, (7,), (3,), (3,), (1,), 1),        # kernel longer than the input
+    (2, (1, 12, 12), 6, (3, 3), (1, 1), (0, 0), (1, 1), 1),   # the MNIST net's first layer
+    (2, (4, 7, 9), 6, (3, 2), (2, 1), (1, 2), (1, 2), 2),     # strided, dilated, grouped, odd sizes
+    (2, (3, 5, 6), 3, (2, 3), (1, 3), (2, 0), (2, 1), 3),     # depthwise, stride 3 along the width
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", DIRECT_CONVS, ids=lambda c: f"{c[0]}d-{'x'.join(map(str, c[1]))}-g{c[7]}")
+def test_abs_pow_ops_convolutions_match_aten(case, bias):
+    """The ops' convolution rules on odd geometries (padding wider than the reach, kernels longer than
+    the input, strides, dilations, groups) against ATen's convolution and convolution_backward: values,
+    input/weight/bias gradients, with and without the input gradient, a non-contiguous output
+    gradient; two runs give the same bits."""
+    nd, shape, out_ch, kernel, stride, padding, dilation, groups = case
+    gen = torch.Generator().manual_seed(len(shape) * 7 + out_ch)
+    x = torch.rand((1,) + shape, generator=gen, dtype=F64) + 0.5
+    w = torch.rand((out_ch, shape[0] // groups) + kernel, generator=gen, dtype=F64) + 0.25
+    b = torch.rand(out_ch, generator=gen, dtype=F64) if bias else None
+    geometry = [*stride, *padding, *dilation, groups]
+    leaves = [w] + ([b] if bias else [])
+    forward = [reference.VJP_CONV, -1, 0, 1 if bias else -1, nd, *geometry]
+    want = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, False, [0] * nd, groups)
+    got = torch.ops.pathsgd.abs_pow_forward.default(x, leaves, forward, [])
+    assert len(got) == 1 and got[0].shape == want.shape
+    torch.testing.assert_close(got[0], want, rtol=1e-13, atol=0)
+    assert torch.equal(got[0], torch.ops.pathsgd.abs_pow_forward.default(x, leaves, forward, [])[0])
+    gy = torch.rand(want.shape[:-2] + want.shape[-1:] + want.shape[-2:-1], generator=gen, dtype=F64).transpose(-1, -2) \
+        if nd == 2 else torch.rand(want.shape, generator=gen, dtype=F64)
+    for need_x in (True, False):
+        vjp = [reference.VJP_CONV, 0, 1, 0, 1 if bias else -1, int(need_x), nd, *geometry]
+        gx, gw, gb = torch.ops.aten.convolution_backward(gy, x, w, [out_ch] if bias else None, stride, padding,
+                                                        dilation, False, [0] * nd, groups, [True, True, bias])
+        # the input's gradient is checked through a second layer's weight gradient: a 1x1 conv after x
+        kappas = torch.ops.pathsgd.abs_pow_vjp.default([want, x], leaves, [gy], [0], vjp, [])
+        torch.testing.assert_close(kappas[0], gw, rtol=1e-13, atol=0)
+        if bias:
+            torch.testing.assert_close(kappas[1], gb, rtol=1e-13, atol=0)
+        again = torch.ops.pathsgd.abs_pow_vjp.default([want, x], leaves, [gy], [0], vjp, [])
+        assert all(torch.equal(a, c) for a, c in zip(kappas, again))
+        if need_x:
+            # x's gradient, seen through the weight gradient of a layer before x: x = conv(u, v) with a
+            # random u of twice x's size and a kernel v as large as x, so v's gradient is the
+            # correlation of x's gradient with u (all of it, not only its channel sums)
+            spatial = shape[1:]
+            u = torch.rand((1, 1) + tuple(2 * n - 1 for n in spatial), generator=gen, dtype=F64)
+            v = torch.rand((shape[0], 1) + spatial, generator=gen, dtype=F64)
+            ones, zeros = [1] * nd, [0] * nd
+            x_of_u = torch.ops.aten.convolution(u, v, None, ones, zeros, ones, False, zeros, 1)
+            assert x_of_u.shape == x.shape
+            chain = vjp + [reference.VJP_CONV, 1, 2, len(leaves), -1, 0, nd, *ones, *zeros, *ones, 1]
+            kv = torch.ops.pathsgd.abs_pow_vjp.default([want, x_of_u, u], leaves + [v], [gy], [0], chain, [])[-1]
+            _, want_v, _ = torch.ops.aten.convolution_backward(gx, u, v, None, ones, zeros, ones, False, zeros, 1,
+                                                               [False, True, False])
+            torch.testing.assert_close(kv, want_v, rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("target", on(ABS_POW_TARGETS))
 def test_abs_pow_forward_bad_programs_raise(target):
     _, evaluator, leaves = _forward_case(_VjpNet1d, (2, 7), 2.0, seed=0)
