@@ -93,7 +93,8 @@ class PathSGD(Optimizer):
             parameter when any group's interval is due. The stored kappas (a dense weight's two gamma
             vectors, else kappa itself) and their ages are in ``state_dict``, so a resumed run continues
             bit-identically.
-        check_finite: raise before the step if a weight is non-finite (costs a sync).
+        check_finite: raise before the step if a parameter (weight, bias, PReLU slope) is non-finite
+            (costs a sync).
     """
 
     def __init__(self, params: Union[nn.Module, Iterable[Tensor], Iterable[Dict[str, Any]]],
@@ -235,7 +236,7 @@ class PathSGD(Optimizer):
                                               memory_format=torch.contiguous_format, copy=True)
                     update.buffer_replaced = True
         if updates and self.check_finite:
-            for name, param in self.graph.named_parameters().items():
+            for name, param in {**self.graph.named_parameters(), **self.graph.unit_params}.items():  # PReLU slopes too
                 if not bool(torch.isfinite(param).all()):
                     raise FloatingPointError(f"PathSGD(check_finite=True): parameter '{name}' has non-finite values")
         return updates

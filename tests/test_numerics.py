@@ -151,3 +151,18 @@ def test_check_finite_raises_before_anything_changes():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) or (torch.isnan(v) == torch.isnan(before[k])).all()
     assert len(opt.state) == 0
+
+
+def test_check_finite_names_a_non_finite_prelu_slope():
+    """A PReLU slope is a parameter the step updates (unscaled): check_finite covers it as well."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2))
+    model(torch.randn(2, 3)).sum().backward()
+    opt = pathsgd.PathSGD(model, lr=0.1, check_finite=True)
+    opt.step()  # finite: steps
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"'1\.weight'.*non-finite"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or bool(torch.isnan(v).all()), k
