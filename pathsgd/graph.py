@@ -886,8 +886,14 @@ class PathGraph:
             self.input_shape = tuple(input_shape)
         elif has_conv:
             if not shape_optional:
+                conv = next(layer for layer in self.layers.values() if layer.conv)
+                m = conv.module
+                dims = {1: "L", 2: "H, W", 3: "D, H, W"}[len(m.kernel_size)]
                 raise ValueError(f"pathsgd: {self.model_name} has convolutions, so input_shape (the input's shape "
-                                 "without the batch dimension, e.g. (1, 40)) is required")
+                                 f"without the batch dimension) is required: a convolution's path scales depend on "
+                                 f"the size of its maps. '{conv.name}' is a {type(m).__name__} with {m.in_channels} "
+                                 f"input channels: pass input_shape=({m.in_channels}, {dims}) if it reads the "
+                                 "model's input, e.g. the shape of one sample of your data")
         else:
             self.input_shape = self._infer_input_shape()
         if self.input_shape is not None:

@@ -479,6 +479,19 @@ def test_step_before_any_forward_says_what_to_do():
         opt.step()
 
 
+@pytest.mark.parametrize("fn", [pathsgd.path_norm, pathsgd.path_scales, pathsgd.path_magnitudes])
+def test_path_norm_of_a_conv_net_without_input_shape_says_which_shape(fn):
+    """The path-norm tools have no forward input to follow: the error names the first convolution and
+    the shape to pass; passing it works."""
+    model = small_cnn()
+    with pytest.raises(ValueError, match=r"input_shape.*required.*'0' is a Conv2d with 1 input channels: pass "
+                                         r"input_shape=\(1, H, W\)"):
+        fn(model, 2)
+    out = fn(model, 2, (1, 8, 8))
+    value = out if isinstance(out, torch.Tensor) else out["0.weight"]
+    assert bool((value > 0).all()) and bool(torch.isfinite(value).all())
+
+
 def test_input_shape_hook_goes_with_the_optimizer():
     import gc
     model = small_cnn()
