@@ -8,9 +8,13 @@
 // reference.abs_pow_forward / reference.abs_pow_vjp. A Python loop over the nodes costs more than
 // the arithmetic of these tiny networks; here each rule is a direct ATen call. Only ATen ops are
 // called, so one device-generic (CompositeExplicitAutograd) kernel serves CPU and CUDA tensors
-// alike. Accumulation follows the program order: deterministic.
+// alike, except that batch-1 float64 1-D/2-D convolutions of CPU tensors take direct loops
+// (csrc/direct_conv.h: ATen's per-call cost is most of such a tiny convolution's time).
+// Accumulation follows the program order: deterministic.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "direct_conv.h"
 
 #include <optional>
 #include <vector>
@@ -82,10 +86,13 @@ std::vector<at::Tensor> abs_pow_vjp(at::TensorList values, at::TensorList leaves
         if (!gy.defined()) break;
         const at::Tensor& weight = leaves[w];
         const std::vector<int64_t> bias_sizes{weight.size(0)};
-        auto [gx, gw, gb] = at::convolution_backward(
-            gy, values[src], weight, b >= 0 ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(),
-            stride, padding, dilation, /*transposed=*/false, std::vector<int64_t>(nd, 0), groups,
-            {need_x, true, b >= 0});
+        auto [gx, gw, gb] =
+            direct_conv_applies(values[src], weight, std::nullopt, nd)
+                ? direct_conv_backward(gy, values[src], weight, b >= 0, need_x, stride, padding, dilation, groups)
+                : at::convolution_backward(
+                      gy, values[src], weight,
+                      b >= 0 ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride, padding,
+                      dilation, /*transposed=*/false, std::vector<int64_t>(nd, 0), groups, {need_x, true, b >= 0});
         add_kappa(w, gw);
         if (b >= 0) add_kappa(b, gb);
         if (need_x) push(src, gx);
@@ -194,8 +201,10 @@ std::vector<at::Tensor> abs_pow_forward(const at::Tensor& input, at::TensorList 
         const auto stride = r.next_n(nd), padding = r.next_n(nd), dilation = r.next_n(nd);
         const int64_t groups = r.next();
         TORCH_CHECK(w.has_value(), "pathsgd.abs_pow_forward: a convolution needs a weight leaf");
-        out.push_back(at::convolution(x, *w, b, stride, padding, dilation, /*transposed=*/false,
-                                      std::vector<int64_t>(nd, 0), groups));
+        out.push_back(direct_conv_applies(x, *w, b, nd)
+                          ? direct_conv_forward(x, *w, b, stride, padding, dilation, groups)
+                          : at::convolution(x, *w, b, stride, padding, dilation, /*transposed=*/false,
+                                            std::vector<int64_t>(nd, 0), groups));
         break;
       }
       case kLinear: {

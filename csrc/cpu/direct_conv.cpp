@@ -1,0 +1,274 @@
+// Direct loops for the abs-pow network's batch-1 float64 convolutions (see csrc/direct_conv.h).
+// A 1-D convolution is a 2-D one of height 1. Each loop keeps a block of up to kR vectors of
+// channels in registers and multiplies it by broadcast scalars: the output channels for the forward
+// pass and the weight gradient, the input channels for the input gradient (channels-last scratch,
+// transposed back at the end), so no loop reduces across vector lanes or re-reads its own stores.
+#include "../direct_conv.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pathsgd {
+namespace {
+
+using V = at::vec::Vectorized<double>;
+constexpr int64_t kLanes = V::size();
+constexpr int kR = 4;  // vectors of channels per block
+constexpr int64_t kBlock = kR * kLanes;
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// One axis of a convolution: output o reads input o * s + k * d - p for tap k.
+struct Axis {
+  int64_t n, out, k, s, p, d;
+  // Taps [first, end) of output o that read inside the input.
+  int64_t tap_first(int64_t o) const { return std::max<int64_t>(0, ceil_div(p - o * s, d)); }
+  int64_t tap_end(int64_t o) const { return std::min<int64_t>(k, floor_div(n - 1 + p - o * s, d) + 1); }
+  // Outputs [first, end) whose tap t reads inside the input.
+  int64_t out_first(int64_t t) const { return std::max<int64_t>(0, ceil_div(p - t * d, s)); }
+  int64_t out_end(int64_t t) const { return std::min<int64_t>(out, floor_div(n - 1 + p - t * d, s) + 1); }
+  int64_t in(int64_t o, int64_t t) const { return o * s + t * d - p; }
+};
+
+struct Geometry {
+  int64_t C, CO, groups, cig, cog;
+  Axis h, w;
+  int64_t taps() const { return cig * h.k * w.k; }  // weights per output channel
+  int64_t positions() const { return h.out * w.out; }
+
+  Geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation, int64_t g) {
+    const bool one_d = x.dim() == 3;
+    const auto axis = [&](int64_t n, int64_t k, size_t i) {
+      const int64_t s = stride[i], p = padding[i], d = dilation[i];
+      return Axis{n, (n + 2 * p - d * (k - 1) - 1) / s + 1, k, s, p, d};
+    };
+    C = x.size(1), CO = weight.size(0), groups = g, cig = C / g, cog = CO / g;
+    h = one_d ? Axis{1, 1, 1, 1, 0, 1} : axis(x.size(2), weight.size(2), 0);
+    w = axis(x.size(-1), weight.size(-1), one_d ? 0 : 1);
+  }
+  std::vector<int64_t> out_sizes(bool one_d) const {
+    return one_d ? std::vector<int64_t>{1, CO, w.out} : std::vector<int64_t>{1, CO, h.out, w.out};
+  }
+};
+
+// A block of up to kR vectors of channels, its vector count fixed at compile time (so the
+// accumulators stay in registers); the last vector masked unless kFull.
+template <int kVectors, bool kFull>
+struct Lanes {
+  static constexpr int vectors = kVectors;
+  int64_t last;  // lanes of the last vector
+  V load(const double* p, int r) const {
+    return kFull || r < kVectors - 1 ? V::loadu(p + r * kLanes) : V::loadu(p + r * kLanes, last);
+  }
+  void store(const V& v, double* p, int r) const {
+    if (kFull || r < kVectors - 1) v.store(p + r * kLanes); else v.store(p + r * kLanes, static_cast<int>(last));
+  }
+};
+
+// f(Lanes<...>{...}) for a block of `width` (1 <= width <= kBlock) channels.
+template <typename F>
+void with_lanes(int64_t width, F&& f) {
+  const int vectors = static_cast<int>((width + kLanes - 1) / kLanes);
+  const int64_t last = width - (vectors - 1) * kLanes;
+  const bool full = last == kLanes;
+  switch (vectors) {
+    case 1: return full ? f(Lanes<1, true>{last}) : f(Lanes<1, false>{last});
+    case 2: return full ? f(Lanes<2, true>{last}) : f(Lanes<2, false>{last});
+    case 3: return full ? f(Lanes<3, true>{last}) : f(Lanes<3, false>{last});
+    default: return full ? f(Lanes<4, true>{last}) : f(Lanes<4, false>{last});
+  }
+}
+
+// out[j * rows + i] = in[i * cols + j]: (rows, cols) -> (cols, rows).
+void transpose(const double* in, int64_t rows, int64_t cols, double* out) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+}
+
+}  // namespace
+
+bool direct_conv_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         int64_t nd) {
+  const auto ok = [](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous() && !t.requires_grad();
+  };
+  return (nd == 1 || nd == 2) && x.dim() == nd + 2 && x.size(0) == 1 && weight.dim() == nd + 2 && ok(x) &&
+         ok(weight) && (!bias.has_value() || ok(*bias));
+}
+
+at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
+  const Geometry g(x, weight, stride, padding, dilation, groups);
+  const int64_t T = g.taps(), P = g.positions(), W = g.w.n, H = g.h.n;
+  const double* X = x.const_data_ptr<double>();
+  const double* K = weight.const_data_ptr<double>();
+  const double* B = bias.has_value() ? bias->const_data_ptr<double>() : nullptr;
+  // wt[tap][co]: each tap's weights of all output channels side by side
+  std::vector<double> wt(T * g.CO), yt(P * g.CO);
+  transpose(K, g.CO, T, wt.data());
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t c0 = 0; c0 < g.cog; c0 += kBlock) {
+      const int64_t co0 = grp * g.cog + c0;
+      with_lanes(std::min(kBlock, g.cog - c0), [&](auto blk) {
+        constexpr int NV = decltype(blk)::vectors;
+        for (int64_t oh = 0; oh < g.h.out; ++oh) {
+          const int64_t kh0 = g.h.tap_first(oh), kh1 = g.h.tap_end(oh);
+          for (int64_t ow = 0; ow < g.w.out; ++ow) {
+            const int64_t kw0 = g.w.tap_first(ow), kw1 = g.w.tap_end(ow);
+            // even and odd input channels into two sets of accumulators: twice the multiply-adds in flight
+            V acc0[NV], acc1[NV];
+            for (int r = 0; r < NV; ++r) acc0[r] = acc1[r] = V(0.0);
+            const auto taps = [&](int64_t cl, V(&a)[NV]) {
+              const double* xc = X + (grp * g.cig + cl) * H * W;
+              for (int64_t kh = kh0; kh < kh1; ++kh) {
+                const double* xr = xc + g.h.in(oh, kh) * W;
+                const double* wr = wt.data() + (cl * g.h.k + kh) * g.w.k * g.CO + co0;
+                for (int64_t kw = kw0; kw < kw1; ++kw) {
+                  const V xv(xr[g.w.in(ow, kw)]);
+                  const double* wp = wr + kw * g.CO;
+                  for (int r = 0; r < NV; ++r) a[r] = at::vec::fmadd(blk.load(wp, r), xv, a[r]);
+                }
+              }
+            };
+            int64_t cl = 0;
+            for (; cl + 1 < g.cig; cl += 2) {
+              taps(cl, acc0);
+              taps(cl + 1, acc1);
+            }
+            if (cl < g.cig) taps(cl, acc0);
+            const auto& acc = acc0;
+            for (int r = 0; r < NV; ++r) acc0[r] = acc0[r] + acc1[r];
+            double* yp = yt.data() + (oh * g.w.out + ow) * g.CO + co0;
+            for (int r = 0; r < NV; ++r) blk.store(B ? acc[r] + blk.load(B + co0, r) : acc[r], yp, r);
+          }
+        }
+      });
+    }
+  }
+  at::Tensor y = at::empty(g.out_sizes(x.dim() == 3), x.options());
+  transpose(yt.data(), P, g.CO, y.mutable_data_ptr<double>());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
+    const at::Tensor& gy_in, const at::Tensor& x, const at::Tensor& weight, bool has_bias, bool need_x,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Geometry g(x, weight, stride, padding, dilation, groups);
+  const int64_t T = g.taps(), P = g.positions(), W = g.w.n, H = g.h.n;
+  const at::Tensor gy = gy_in.contiguous();
+  TORCH_CHECK(gy.numel() == g.CO * P, "pathsgd.abs_pow_vjp: a convolution's output gradient has ", gy.numel(),
+              " elements, its output ", g.CO * P);
+  const double* X = x.const_data_ptr<double>();
+  const double* K = weight.const_data_ptr<double>();
+  const double* GY = gy.const_data_ptr<double>();
+  std::vector<double> gyt(P * g.CO);  // gyt[position][co]
+  transpose(GY, g.CO, P, gyt.data());
+
+  // Weight gradient: gw[co, tap] = sum over positions of gy[co, pos] * x[input of tap at pos].
+  std::vector<double> gwt(T * g.CO);  // gwt[tap][co]
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t c0 = 0; c0 < g.cog; c0 += kBlock) {
+      const int64_t co0 = grp * g.cog + c0;
+      with_lanes(std::min(kBlock, g.cog - c0), [&](auto blk) {
+        constexpr int NV = decltype(blk)::vectors;
+        for (int64_t cl = 0; cl < g.cig; ++cl) {
+          const double* xc = X + (grp * g.cig + cl) * H * W;
+          for (int64_t kh = 0; kh < g.h.k; ++kh) {
+            const int64_t oh0 = g.h.out_first(kh), oh1 = g.h.out_end(kh);
+            for (int64_t kw = 0; kw < g.w.k; ++kw) {
+              const int64_t ow0 = g.w.out_first(kw), ow1 = g.w.out_end(kw);
+              V acc0[NV], acc1[NV];  // even and odd output columns
+              for (int r = 0; r < NV; ++r) acc0[r] = acc1[r] = V(0.0);
+              for (int64_t oh = oh0; oh < oh1; ++oh) {
+                const double* xr = xc + g.h.in(oh, kh) * W;
+                const double* gr = gyt.data() + oh * g.w.out * g.CO + co0;
+                const auto column = [&](int64_t ow, V(&a)[NV]) {
+                  const V xv(xr[g.w.in(ow, kw)]);
+                  const double* gp = gr + ow * g.CO;
+                  for (int r = 0; r < NV; ++r) a[r] = at::vec::fmadd(blk.load(gp, r), xv, a[r]);
+                };
+                int64_t ow = ow0;
+                for (; ow + 1 < ow1; ow += 2) {
+                  column(ow, acc0);
+                  column(ow + 1, acc1);
+                }
+                if (ow < ow1) column(ow, acc0);
+              }
+              double* out = gwt.data() + ((cl * g.h.k + kh) * g.w.k + kw) * g.CO + co0;
+              for (int r = 0; r < NV; ++r) blk.store(acc0[r] + acc1[r], out, r);
+            }
+          }
+        }
+      });
+    }
+  }
+  at::Tensor gw = at::empty_like(weight);
+  transpose(gwt.data(), T, g.CO, gw.mutable_data_ptr<double>());
+
+  at::Tensor gb;
+  if (has_bias) {
+    gb = at::empty({g.CO}, x.options());
+    double* GB = gb.mutable_data_ptr<double>();
+    for (int64_t co = 0; co < g.CO; ++co) {
+      double s = 0.0;
+      for (int64_t i = 0; i < P; ++i) s += GY[co * P + i];
+      GB[co] = s;
+    }
+  }
+
+  at::Tensor gx;
+  if (need_x) {
+    // Input gradient: gx[ci, input of tap at pos] += w[co, ci, tap] * gy[co, pos], channels-last.
+    std::vector<double> w2(g.CO * T);  // w2[co][kh][kw][cl]: the input channels of a tap side by side
+    for (int64_t co = 0; co < g.CO; ++co)
+      transpose(K + co * T, g.cig, g.h.k * g.w.k, w2.data() + co * T);
+    std::vector<double> gxt(H * W * g.C, 0.0);  // gxt[input position][ci]
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      for (int64_t c0 = 0; c0 < g.cig; c0 += kBlock) {
+        const int64_t ci0 = grp * g.cig + c0;
+        with_lanes(std::min(kBlock, g.cig - c0), [&](auto blk) {
+          constexpr int NV = decltype(blk)::vectors;
+          for (int64_t oh = 0; oh < g.h.out; ++oh) {
+            const int64_t kh0 = g.h.tap_first(oh), kh1 = g.h.tap_end(oh);
+            for (int64_t ow = 0; ow < g.w.out; ++ow) {
+              const int64_t kw0 = g.w.tap_first(ow), kw1 = g.w.tap_end(ow);
+              const double* gp = GY + oh * g.w.out + ow;
+              for (int64_t kh = kh0; kh < kh1; ++kh) {
+                for (int64_t kw = kw0; kw < kw1; ++kw) {
+                  V acc0[NV], acc1[NV];  // even and odd output channels
+                  for (int r = 0; r < NV; ++r) acc0[r] = acc1[r] = V(0.0);
+                  const double* wk = w2.data() + (kh * g.w.k + kw) * g.cig + c0;
+                  const auto from = [&](int64_t j, V(&a)[NV]) {  // output channel j of the group
+                    const int64_t co = grp * g.cog + j;
+                    const V gv(gp[co * P]);
+                    const double* wp = wk + co * T;
+                    for (int r = 0; r < NV; ++r) a[r] = at::vec::fmadd(blk.load(wp, r), gv, a[r]);
+                  };
+                  int64_t j = 0;
+                  for (; j + 1 < g.cog; j += 2) {
+                    from(j, acc0);
+                    from(j + 1, acc1);
+                  }
+                  if (j < g.cog) from(j, acc0);
+                  double* out = gxt.data() + (g.h.in(oh, kh) * W + g.w.in(ow, kw)) * g.C + ci0;
+                  for (int r = 0; r < NV; ++r) blk.store(blk.load(out, r) + (acc0[r] + acc1[r]), out, r);
+                }
+              }
+            }
+          }
+        });
+      }
+    }
+    gx = at::empty_like(x);
+    transpose(gxt.data(), H * W, g.C, gx.mutable_data_ptr<double>());
+  }
+  return {gx, gw, gb};
+}
+
+}  // namespace pathsgd

@@ -1,0 +1,30 @@
+// Direct CPU loops for the convolutions of the abs-pow network (csrc/abs_pow_programs.cpp): batch 1,
+// float64, 1-D or 2-D. Such a convolution is ~10^5 multiply-adds, which ATen's convolution (and its
+// backward) wraps in 20-70 us of dispatch, im2col buffers and thread hand-offs per call; these loops
+// run it on the calling thread. Fixed loop order: deterministic.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pathsgd {
+
+// True when the direct loops take this convolution: CPU float64 tensors, batch 1, nd in {1, 2},
+// contiguous input and weight (and bias).
+bool direct_conv_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         int64_t nd);
+
+// at::convolution(x, weight, bias, stride, padding, dilation, transposed=false, output_padding=0, groups).
+at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups);
+
+// at::convolution_backward(gy, x, weight, ...) with output_mask {need_x, true, has_bias}: (grad of x or
+// undefined, grad of weight, grad of bias or undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, bool has_bias, bool need_x,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+}  // namespace pathsgd
