@@ -12,7 +12,7 @@
 namespace pathsgd {
 
 // True when the direct loops take this convolution: CPU float64 tensors, batch 1, nd in {1, 2},
-// contiguous input and weight (and bias).
+// contiguous input and weight (and bias), at most 2^18 weights x input positions (above that ATen is faster).
 bool direct_conv_applies(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          int64_t nd);
 

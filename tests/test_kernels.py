@@ -1620,6 +1620,7 @@ DIRECT_CONVS = [
     (2, (3, 5, 6), 3, (2, 3), (1, 3), (2, 0), (2, 1), 3),     # depthwise, stride 3 along the width
     (1, (37, 11), 41, (3,), (1,), (1,), (1,), 1),     # 37 and 41 channels: full and masked vectors, two blocks
     (2, (10, 6, 5), 70, (3, 3), (1, 1), (1, 1), (1, 1), 2),   # 35 channels per group out, 5 in
+    (2, (16, 14, 14), 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # past the direct loops' size limit: ATen
 ]
 
 

@@ -97,8 +97,13 @@ bool direct_conv_applies(const at::Tensor& x, const at::Tensor& weight, const st
   const auto ok = [](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous() && !t.requires_grad();
   };
-  return (nd == 1 || nd == 2) && x.dim() == nd + 2 && x.size(0) == 1 && weight.dim() == nd + 2 && ok(x) &&
-         ok(weight) && (!bias.has_value() || ok(*bias));
+  if (!((nd == 1 || nd == 2) && x.dim() == nd + 2 && x.size(0) == 1 && weight.dim() == nd + 2 && ok(x) &&
+        ok(weight) && (!bias.has_value() || ok(*bias)))) {
+    return false;
+  }
+  // Past ~2.6e5 multiply-adds (measured: 32x32x3 on 40 positions ~1.1x faster than ATen, 16x16x3x3 on
+  // 14x14 ~1.5x slower) ATen's threaded BLAS wins: the loops are for the per-call overhead regime.
+  return weight.numel() * x.numel() / x.size(1) <= (int64_t{1} << 18);
 }
 
 at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
