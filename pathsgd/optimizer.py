@@ -133,6 +133,9 @@ class PathSGD(Optimizer):
         self._param_names = {id(t): name for name, t in {**self.graph.named_parameters(),
                                                           **self.graph.unit_params}.items()}
         self.check_finite = check_finite
+        # Step plans by (group, parameter list, graph): a net fed two input sizes in turn keeps one per
+        # graph (and its workspace); _plan is the latest (key, plan).
+        self._plans: Dict[Tuple[int, ...], Optional[ChainStepPlan]] = {}
         self._plan: Optional[Tuple[Tuple[int, ...], Optional[ChainStepPlan]]] = None
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=False, fused=fused, p=p, clamp=clamp,
@@ -172,6 +175,7 @@ class PathSGD(Optimizer):
             group.setdefault("differentiable", False)
         self.__dict__.setdefault("use_reference", False)
         self.__dict__.setdefault("_plan", None)
+        self.__dict__.setdefault("_plans", {})
 
     def _graph_for_step(self) -> PathGraph:
         """The path graph for the input that produced this step's gradients (the model's most recent
@@ -285,10 +289,13 @@ class PathSGD(Optimizer):
         # A plan belongs to this group, its parameter list (it keeps the group alive, so its id is not
         # reused) and this graph (kept in self._graphs).
         key = (id(group), id(group["params"]), len(group["params"]), id(graph))
-        if self._plan is None or self._plan[0] != key or (self._plan[1] is not None
-                                                          and not self._plan[1].params_in_place()):
-            self._plan = (key, self._new_step_plan(graph, group))
-        return self._plan[1]
+        plans = self._plans
+        if key not in plans or (plans[key] is not None and not plans[key].params_in_place()):
+            if len(plans) >= _MAX_PLANS:  # many input sizes (a fully convolutional net): start over
+                plans.clear()
+            plans[key] = self._new_step_plan(graph, group)
+        self._plan = (key, plans[key])
+        return plans[key]
 
     def _new_step_plan(self, graph: PathGraph, group: Dict[str, Any]) -> Optional[ChainStepPlan]:
         if graph.head is None or graph.unit_params or any(layer.pruned for layer in graph.layers.values()):
@@ -358,6 +365,9 @@ class PathSGD(Optimizer):
                 param = by_id[pid]
                 self.state[param].update({k: v.to(param.device, copy=True) for k, v in values.items()})
 
+
+# Step plans kept per optimizer (one per input-shape graph of a conv net).
+_MAX_PLANS = 8
 
 # State keys of the kappa schedule (kappa_every != 1): a dense weight's gammas, or the kappa itself.
 _GAMMA_KEYS = ("gamma_in", "gamma_in_log_scale", "gamma_out", "gamma_out_log_scale")

@@ -253,9 +253,13 @@ def test_cnn_plan_follows_the_input_shape_and_eval_batchnorm(monkeypatch):
 
     calls = TrunkCalls(monkeypatch)
     opt = pathsgd.PathSGD(model, lr=0.02, momentum=0.9)
+    built = []
+    new_plan = opt._new_step_plan
+    opt._new_step_plan = lambda graph, group: built.append(graph.input_shape) or new_plan(graph, group)
     train_cnn(model, opt, steps=6, sizes=(12, 14))
     assert calls.general == 1 and calls.vjp == 6
     assert sorted(opt._graphs) == [(1, 12, 12), (1, 14, 14)]  # one graph per input shape, a plan each step
+    assert built == [(1, 12, 12), (1, 14, 14)]  # one plan per graph, kept while the sizes alternate
     twin_opt = without_plan(pathsgd.PathSGD(twin, lr=0.02, momentum=0.9))
     train_cnn(twin, twin_opt, steps=6, sizes=(12, 14))
     assert_same(model, twin, opt, twin_opt)
