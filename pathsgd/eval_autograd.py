@@ -36,6 +36,8 @@ def _forward(graph: PathGraph, p: float, leaves, stop: Optional[int]):
 class AutogradEvaluator:
     """``forward(p)`` / ``backward(acts, seed)`` as :class:`pathsgd.eval_tape.TapeEvaluator`, by autograd."""
 
+    compiled = False  # no forward_op / backward_op: the step plan runs forward / backward
+
     def __init__(self, graph: PathGraph, stop: Optional[int], dense: FrozenSet[str] = frozenset()) -> None:
         self.graph, self.stop = graph, stop
         self.leaf_sources = layer_leaves(graph, stop, frozenset())  # every kappa materialized

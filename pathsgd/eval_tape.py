@@ -230,25 +230,42 @@ class TapeEvaluator:
         """Forward and backward up to ``stop`` are one op each (:meth:`forward_op`, :meth:`backward_op`)."""
         return self.forward_program is not None and self.slot_values is not None and not self.local_nodes
 
-    def forward_op(self, p: float, device: torch.device, sources: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """``(leaves, values)``: :meth:`forward` of a compiled evaluator without its per-node Python
-        (``sources``: the parameters in leaf order; ``values``: the forward op's output)."""
+    def forward_op(self, p: float, device: torch.device,
+                   sources: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(leaves, values)``: the forward program's run without per-node Python (``sources``: the
+        parameters in leaf order, as :meth:`abs_pow_leaves`; ``values``: the forward op's output)."""
         leaves = self.abs_pow_leaves(p, device, sources)
         return leaves, ops.abs_pow_forward(self.ones_input(device), leaves, self.forward_program, self.vjp_factors(p))
+
+    def _slot_values(self, values: List[Tensor], device: torch.device) -> List[Tensor]:
+        """The VJP's values (slot order) from :meth:`forward_op`'s output."""
+        ones = self.ones_input(device)
+        return [ones if k < 0 else values[k] for k in self.slot_values]
+
+    def stop_value(self, values: List[Tensor], device: torch.device) -> Tensor:
+        """The value at ``stop`` in :meth:`forward_op`'s output (compiled evaluators with a ``stop``)."""
+        k = self.slot_values[self.slots[self.stop]]
+        return self.ones_input(device) if k < 0 else values[k]
 
     def backward_op(self, values: List[Tensor], leaves: List[Tensor], seed: Tensor, p: float) -> List[Tensor]:
         """:meth:`backward` of a compiled evaluator with a ``stop`` from :meth:`forward_op`'s output:
         kappa of every leaf, in leaf order (``seed``: d phi_p^p / d value at ``stop``, any shape)."""
-        ones = self.ones_input(leaves[0].device)
-        stop_value = values[self.slot_values[self.slots[self.stop]]]
-        return ops.abs_pow_vjp([ones if k < 0 else values[k] for k in self.slot_values], leaves,
-                               [seed.reshape(stop_value.shape)], [self.slots[self.stop]], self.program,
+        slot_values = self._slot_values(values, leaves[0].device)
+        stop = self.slots[self.stop]
+        return ops.abs_pow_vjp(slot_values, leaves, [seed.reshape(slot_values[stop].shape)], [stop], self.program,
                                self.vjp_factors(p))
 
     @torch.no_grad()
     def forward(self, p: float) -> Activations:
         """The abs-pow network up to ``stop`` from the current weights."""
         device = self._device()
+        ones = self.ones_input(device)
+        if self.forward_program is not None:
+            leaf_list, values = self.forward_op(p, device)
+            env: List[Any] = [None] * len(self.graph.nodes)
+            for i, k in self.forward_index:
+                env[i] = ones if k < 0 else values[k]
+            return Activations(p, env, dict(zip(self.leaf_names, leaf_list)), {}, self._total(env))
         leaves = dict(zip(self.leaf_names, self.abs_pow_leaves(p, device)))
         gamma_in: Dict[str, LogScaled] = {}
 
@@ -265,16 +282,12 @@ class TapeEvaluator:
             y = (y.double() * log_scale.exp()).reshape(1, -1)
             return y + bias if bias is not None else y
 
-        ones = self.ones_input(device)
-        if self.forward_program is not None:
-            values = ops.abs_pow_forward(ones, list(leaves.values()), self.forward_program, self.vjp_factors(p))
-            env: List[Any] = [None] * len(self.graph.nodes)
-            for i, k in self.forward_index:
-                env[i] = ones if k < 0 else values[k]
-        else:
-            env = forward_values(self.graph, p, layer_forward, ones, self.stop)
-        total = sum(env[i].sum() for i in self.graph.outputs) if self.stop is None else None
-        return Activations(p, env, leaves, gamma_in, total)
+        env = forward_values(self.graph, p, layer_forward, ones, self.stop)
+        return Activations(p, env, leaves, gamma_in, self._total(env))
+
+    def _total(self, env: List[Any]) -> Optional[Tensor]:
+        """phi_p^p (the outputs' sum) of a whole-network evaluation; None with a ``stop``."""
+        return sum(env[i].sum() for i in self.graph.outputs) if self.stop is None else None
 
     @torch.no_grad()
     def backward(self, acts: Activations, seed: Optional[Tensor] = None) -> Kappas:

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from . import ops
 from .eval_dense import from_log_scaled, to_log_scaled
-from .eval_tape import TapeEvaluator
 from .functional import evaluator_for, group_sgd
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
@@ -114,10 +113,8 @@ class TrunkStepPlan(ChainStepPlan):
         self.trunk_params = [named[name] for name in self.leaf_names]
         self.slots += [(layer.module._parameters, kind, t)
                        for (_, layer, kind), t in zip(evaluator.leaf_sources, self.trunk_params)]
-        stop = graph.head_input
         # forward_op / backward_op: the evaluator's passes without their per-node Python
-        self.compiled = isinstance(evaluator, TapeEvaluator) and evaluator.compiled and bool(self.trunk_params)
-        self.head_value = evaluator.slot_values[evaluator.slots[stop]] if self.compiled else None
+        self.compiled = evaluator.compiled and bool(self.trunk_params)
 
     def _trunk_args(self, state: Dict[Tensor, Any]) -> Optional[list]:
         """The trunk's (grads, buffers), or None when one does not match its parameter (the
@@ -147,8 +144,9 @@ class TrunkStepPlan(ChainStepPlan):
         opmath = opmath_dtype(self.weights[0].dtype)
         evaluator = self.evaluator
         if self.compiled:
-            leaves, values = evaluator.forward_op(p, self.weights[0].device, self.trunk_params)
-            x = values[self.head_value]
+            device = self.weights[0].device
+            leaves, values = evaluator.forward_op(p, device, self.trunk_params)
+            x = evaluator.stop_value(values, device)
         else:
             acts = evaluator.forward(p)
             x = acts.env[graph.head_input]

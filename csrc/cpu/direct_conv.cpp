@@ -84,6 +84,18 @@ void with_lanes(int64_t width, F&& f) {
   }
 }
 
+// f(i, acc0) for the even steps of [begin, end) and f(i, acc1) for the odd ones: two accumulator
+// sets, so twice the multiply-adds are in flight.
+template <typename Acc, typename F>
+inline void alternate(int64_t begin, int64_t end, Acc& acc0, Acc& acc1, F&& f) {
+  int64_t i = begin;
+  for (; i + 1 < end; i += 2) {
+    f(i, acc0);
+    f(i + 1, acc1);
+  }
+  if (i < end) f(i, acc0);
+}
+
 // out[j * rows + i] = in[i * cols + j]: (rows, cols) -> (cols, rows).
 void transpose(const double* in, int64_t rows, int64_t cols, double* out) {
   for (int64_t i = 0; i < rows; ++i)
@@ -126,7 +138,7 @@ at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, co
           const int64_t kh0 = g.h.tap_first(oh), kh1 = g.h.tap_end(oh);
           for (int64_t ow = 0; ow < g.w.out; ++ow) {
             const int64_t kw0 = g.w.tap_first(ow), kw1 = g.w.tap_end(ow);
-            // even and odd input channels into two sets of accumulators: twice the multiply-adds in flight
+            // even and odd input channels (alternate)
             V acc0[NV], acc1[NV];
             for (int r = 0; r < NV; ++r) acc0[r] = acc1[r] = V(0.0);
             const auto taps = [&](int64_t cl, V(&a)[NV]) {
@@ -141,16 +153,12 @@ at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, co
                 }
               }
             };
-            int64_t cl = 0;
-            for (; cl + 1 < g.cig; cl += 2) {
-              taps(cl, acc0);
-              taps(cl + 1, acc1);
-            }
-            if (cl < g.cig) taps(cl, acc0);
-            const auto& acc = acc0;
-            for (int r = 0; r < NV; ++r) acc0[r] = acc0[r] + acc1[r];
+            alternate(0, g.cig, acc0, acc1, taps);
             double* yp = yt.data() + (oh * g.w.out + ow) * g.CO + co0;
-            for (int r = 0; r < NV; ++r) blk.store(B ? acc[r] + blk.load(B + co0, r) : acc[r], yp, r);
+            for (int r = 0; r < NV; ++r) {
+              const V sum = acc0[r] + acc1[r];
+              blk.store(B ? sum + blk.load(B + co0, r) : sum, yp, r);
+            }
           }
         }
       });
@@ -198,12 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
                   const double* gp = gr + ow * g.CO;
                   for (int r = 0; r < NV; ++r) a[r] = at::vec::fmadd(blk.load(gp, r), xv, a[r]);
                 };
-                int64_t ow = ow0;
-                for (; ow + 1 < ow1; ow += 2) {
-                  column(ow, acc0);
-                  column(ow + 1, acc1);
-                }
-                if (ow < ow1) column(ow, acc0);
+                alternate(ow0, ow1, acc0, acc1, column);
               }
               double* out = gwt.data() + ((cl * g.h.k + kh) * g.w.k + kw) * g.CO + co0;
               for (int r = 0; r < NV; ++r) blk.store(acc0[r] + acc1[r], out, r);
@@ -255,12 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
                     const double* wp = wk + co * T;
                     for (int r = 0; r < NV; ++r) a[r] = at::vec::fmadd(blk.load(wp, r), gv, a[r]);
                   };
-                  int64_t j = 0;
-                  for (; j + 1 < g.cog; j += 2) {
-                    from(j, acc0);
-                    from(j + 1, acc1);
-                  }
-                  if (j < g.cog) from(j, acc0);
+                  alternate(0, g.cog, acc0, acc1, from);
                   double* out = gxt.data() + (g.h.in(oh, kh) * W + g.w.in(ow, kw)) * g.C + ci0;
                   for (int r = 0; r < NV; ++r) blk.store(blk.load(out, r) + (acc0[r] + acc1[r]), out, r);
                 }
