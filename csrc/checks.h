@@ -117,25 +117,39 @@ inline void like(const at::Tensor& t, const at::Tensor& param, const at::Device&
               param.sizes(), ", ", param.scalar_type(), ") on ", device);
 }
 
-inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_grads,
-                                  at::TensorList weight_buffers, at::TensorList biases, at::TensorList bias_grads,
-                                  at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-                                  const std::optional<at::Tensor>& gamma0,
-                                  const std::optional<at::Tensor>& gamma0_log_scale, double p, double momentum_value,
-                                  const std::optional<at::Tensor>& workspace) {
+// The dense chain op's arguments as per-kind lists: `params` are the chain's weights, then the
+// biases of the layers in `bias_layers`; `grads` and `momentum_buffers` follow the same order
+// (`momentum_buffers` empty without momentum); `gamma0` is empty or (values, log scale).
+struct ChainArgs {
+  at::TensorList weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers;
+  std::optional<at::Tensor> gamma0, gamma0_log_scale;
+};
+
+// Splits the op's lists (checking their lengths) and checks every tensor the step reads or writes.
+inline ChainArgs dense_chain_step_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                       at::IntArrayRef bias_layers, at::TensorList gamma0, double p,
+                                       double momentum_value, const std::optional<at::Tensor>& workspace) {
   constexpr const char* op = "pathsgd.dense_chain_step_";
-  const int64_t n = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(n > 0, op, ": needs at least one layer");
+  const int64_t n = static_cast<int64_t>(params.size()) - static_cast<int64_t>(bias_layers.size());
+  TORCH_CHECK(n > 0, op, ": needs at least one layer: params are the chain's weights, then the biases of its ",
+              bias_layers.size(), " bias_layers, got ", params.size(), " params");
   TORCH_CHECK(p >= 1.0, op, ": p must be >= 1, got ", p);
-  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == n, op, ": ", weight_grads.size(), " weight grads for ", n,
-              " weights");
+  TORCH_CHECK(grads.size() == params.size(), op, ": ", grads.size(), " grads for ", params.size(), " params");
   const bool momentum = momentum_value != 0.0;
-  TORCH_CHECK(static_cast<int64_t>(weight_buffers.size()) == (momentum ? n : 0), op, ": momentum ", momentum_value,
-              " needs ", momentum ? n : 0, " weight momentum buffers, got ", weight_buffers.size());
-  TORCH_CHECK(bias_grads.size() == biases.size() && bias_layers.size() == biases.size(), op, ": ", biases.size(),
-              " biases, ", bias_grads.size(), " bias grads and ", bias_layers.size(), " bias layer indices");
-  TORCH_CHECK(bias_buffers.size() == (momentum ? biases.size() : 0), op, ": momentum ", momentum_value, " needs ",
-              momentum ? biases.size() : 0, " bias momentum buffers, got ", bias_buffers.size());
+  TORCH_CHECK(momentum_buffers.size() == (momentum ? params.size() : 0), op, ": momentum ", momentum_value, " needs ",
+              momentum ? params.size() : 0, " momentum buffers (one per param), got ", momentum_buffers.size());
+  TORCH_CHECK(gamma0.empty() || gamma0.size() == 2, op,
+              ": gamma0 must be empty or (gamma0, its float64 log scale), got ", gamma0.size(), " tensors");
+  const auto head = [](at::TensorList list, int64_t k) { return list.empty() ? list : list.slice(0, k); };
+  const auto tail = [](at::TensorList list, int64_t k) { return list.empty() ? list : list.slice(k); };
+  ChainArgs args{head(params, n), head(grads, n), head(momentum_buffers, n), tail(params, n), tail(grads, n),
+                 tail(momentum_buffers, n), std::nullopt, std::nullopt};
+  if (!gamma0.empty()) {
+    args.gamma0 = gamma0[0];
+    args.gamma0_log_scale = gamma0[1];
+  }
+  const at::TensorList weights = args.weights, weight_grads = args.weight_grads, weight_buffers = args.weight_buffers,
+                       biases = args.biases, bias_grads = args.bias_grads, bias_buffers = args.bias_buffers;
   const at::Device device = weights[0].device();
   for (int64_t l = 0; l < n; ++l) {
     TORCH_CHECK(weights[l].dim() == 2, op, ": weight ", l, " must be 2-D, got shape ", weights[l].sizes());
@@ -165,16 +179,16 @@ inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_
     like(bias_grads[k], biases[k], device, op, "bias grad", static_cast<int64_t>(k), false);
     if (momentum) like(bias_buffers[k], biases[k], device, op, "bias momentum buffer", static_cast<int64_t>(k), true);
   }
-  TORCH_CHECK(gamma0.has_value() == gamma0_log_scale.has_value(), op,
-              ": gamma0 and gamma0_log_scale must be given together");
-  if (gamma0.has_value()) {
-    TORCH_CHECK(gamma0->dim() == 1 && gamma0->size(0) == weights[0].size(1) &&
-                    gamma0->scalar_type() == at::toOpMathType(weights[0].scalar_type()) && gamma0->device() == device,
-                op, ": gamma0 must be a [", weights[0].size(1), "] ", at::toOpMathType(weights[0].scalar_type()),
-                " tensor on ", device, ", got ", gamma0->sizes(), " ", gamma0->scalar_type(), " on ", gamma0->device());
-    TORCH_CHECK(gamma0_log_scale->dim() == 0 && gamma0_log_scale->scalar_type() == at::kDouble, op,
-                ": gamma0_log_scale must be a 0-dim float64 tensor, got ", gamma0_log_scale->sizes(), " ",
-                gamma0_log_scale->scalar_type());
+  if (args.gamma0.has_value()) {
+    const at::Tensor& g0 = *args.gamma0;
+    const at::Tensor& g0_log_scale = *args.gamma0_log_scale;
+    TORCH_CHECK(g0.dim() == 1 && g0.size(0) == weights[0].size(1) &&
+                    g0.scalar_type() == at::toOpMathType(weights[0].scalar_type()) && g0.device() == device,
+                op, ": gamma0[0] must be a [", weights[0].size(1), "] ", at::toOpMathType(weights[0].scalar_type()),
+                " tensor on ", device, ", got ", g0.sizes(), " ", g0.scalar_type(), " on ", g0.device());
+    TORCH_CHECK(g0_log_scale.dim() == 0 && g0_log_scale.scalar_type() == at::kDouble && g0_log_scale.device() == device,
+                op, ": gamma0[1] (the log scale of gamma0[0]) must be a 0-dim float64 tensor on ", device, ", got ",
+                g0_log_scale.sizes(), " ", g0_log_scale.scalar_type(), " on ", g0_log_scale.device());
   }
   if (workspace.has_value()) {
     TORCH_CHECK(workspace->dim() == 1 && workspace->scalar_type() == at::kByte && workspace->is_contiguous() &&
@@ -183,6 +197,7 @@ inline void dense_chain_step_args(at::TensorList weights, at::TensorList weight_
                 "torch.empty(0, dtype=torch.uint8, device=...)), got ", workspace->sizes(), " ",
                 workspace->scalar_type(), " on ", workspace->device());
   }
+  return args;
 }
 
 }  // namespace checks

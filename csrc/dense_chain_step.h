@@ -27,10 +27,11 @@ namespace pathsgd {
 //   Gamma forward(l, Gamma& gamma_in)       gamma_in of layer l + 1
 //   void bias_kappa(k, const Gamma& gout)   kappa of bias k (of the layer whose gamma_out is gout)
 //   Gamma fused(l, Gamma& gin, Gamma& gout) the fused pass of layer l; returns its input's gamma_out
+//                                           (may skip it for layer 0 without gamma0: nothing reads it)
 //   void update_biases()                    the update of every bias with its kappa
-//   std::tuple<Tensor, Tensor> result(Gamma& gout)
+//   void finish(Gamma& gout)                the gamma_out at the chain's input, into gamma0 when given
 template <typename Chain>
-std::tuple<at::Tensor, at::Tensor> dense_chain_walk(Chain& chain, int64_t layers, at::IntArrayRef bias_layers) {
+void dense_chain_walk(Chain& chain, int64_t layers, at::IntArrayRef bias_layers) {
   // 1. gamma forward: gamma_in of every layer (the chain's output gamma is not needed).
   std::vector<typename Chain::Gamma> gamma_in;
   gamma_in.reserve(layers);
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> dense_chain_walk(Chain& chain, int64_t layers
   }
   // 3. the biases.
   chain.update_biases();
-  return chain.result(gout);
+  chain.finish(gout);
 }
 
 // The chain over a backend's per-layer op kernels (gamma_forward, fused_dense_step_: their host
@@ -110,34 +111,36 @@ struct TensorChain {
   void update_biases() {
     if (!biases.empty()) scaled_update(biases, bias_grads, bias_buffers, bias_kappas, p, sgd, lr_tensor);
   }
-  // Its own tensors (the workspace's are overwritten by the next step), after which the workspace
-  // grows to what this step took.
-  std::tuple<at::Tensor, at::Tensor> result(Gamma& gout) {
-    std::tuple<at::Tensor, at::Tensor> out{gout.first.clone(), gout.second.clone()};
+  // The caller's gamma0 tensors take the result (the workspace's are overwritten by the next step),
+  // after which the workspace grows to what this step took.
+  void finish(Gamma& gout) {
+    if (gamma0.has_value()) {
+      gamma0->copy_(gout.first);
+      gamma0_log_scale->copy_(gout.second);
+    }
     workspace.finish();
-    return out;
   }
 };
 
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
-std::tuple<at::Tensor, at::Tensor> dense_chain_step(
-    at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
-    at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace,
-    GammaForward&& gamma_forward, FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
+void dense_chain_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                         at::IntArrayRef bias_layers, at::TensorList gamma0, double p,
+                                         at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor,
+                                         const std::optional<at::Tensor>& workspace, GammaForward&& gamma_forward,
+                                         FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
   const SgdArgs a = checks::sgd_args(sgd, "dense_chain_step_");
-  checks::dense_chain_step_args(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                                gamma0, gamma0_log_scale, p, a.momentum, workspace);
-  const int64_t n = static_cast<int64_t>(weights.size());
+  const checks::ChainArgs c =
+      checks::dense_chain_step_args(params, grads, momentum_buffers, bias_layers, gamma0, p, a.momentum, workspace);
+  const int64_t n = static_cast<int64_t>(c.weights.size());
   Workspace scratch(workspace);
   TensorChain<GammaForward, FusedStep, ScaledUpdate> chain{
-      weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, gamma0, gamma0_log_scale, p, sgd,
-      lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {}, {}};
+      c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0,
+      c.gamma0_log_scale, p, sgd, lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {},
+      {}};
   chain.bias_of.resize(n);
-  for (size_t k = 0; k < biases.size(); ++k) chain.bias_of[bias_layers[k]] = biases[k];
-  chain.bias_kappas.resize(biases.size());
-  return dense_chain_walk(chain, n, bias_layers);
+  for (size_t k = 0; k < c.biases.size(); ++k) chain.bias_of[bias_layers[k]] = c.biases[k];
+  chain.bias_kappas.resize(c.biases.size());
+  dense_chain_walk(chain, n, bias_layers);
 }
 
 }  // namespace pathsgd

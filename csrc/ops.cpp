@@ -40,15 +40,17 @@ TORCH_LIBRARY(pathsgd, m) {
       "Tensor gamma_in, Tensor gamma_in_log_scale, Tensor gamma_out, Tensor gamma_out_log_scale, "
       "float p, float[] sgd, Tensor? lr_tensor) -> (Tensor, Tensor)");
   // The fused step of a whole chain of dense layers in one call (csrc/dense_chain_step.h): gamma
-  // forward, every layer's fused pass output to input, the biases' multi-tensor update. gamma0
-  // (with its log scale) is the chain's input gamma when the chain is the head of a larger model;
-  // returns the gamma_out at the chain's input, from the old weights. workspace: a byte tensor
-  // the caller keeps across steps for the op's small tensors (csrc/workspace.h; CUDA).
+  // forward, every layer's fused pass output to input, the biases' multi-tensor update. params: the
+  // chain's weights, then the biases of the layers in bias_layers (grads and momentum_buffers in the
+  // same order; no buffers without momentum). gamma0: empty when the chain starts at the model
+  // input; when the chain is the head of a larger model, its input gamma (values, log scale), which
+  // the op replaces with the gamma_out at the chain's input, from the old weights (what the model
+  // before the head needs). workspace: a byte tensor the caller keeps across steps for the op's
+  // small tensors (csrc/workspace.h; CUDA). Few arguments and no outputs: from Python each one costs a
+  // conversion every step, which is most of a small model's step.
   m.def(
-      "dense_chain_step_(Tensor(a!)[] weights, Tensor[] weight_grads, Tensor(b!)[] weight_buffers, "
-      "Tensor(c!)[] biases, Tensor[] bias_grads, Tensor(d!)[] bias_buffers, int[] bias_layers, Tensor? gamma0, "
-      "Tensor? gamma0_log_scale, float p, float[] sgd, Tensor? lr_tensor, Tensor(e!)? workspace=None) -> "
-      "(Tensor, Tensor)");
+      "dense_chain_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] bias_layers, "
+      "Tensor(c!)[] gamma0, float p, float[] sgd, Tensor? lr_tensor, Tensor(d!)? workspace=None) -> ()");
   // Multi-tensor Path-SGD update with materialized float64 kappa (conv weights, biases).
   m.def(
       "scaled_sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

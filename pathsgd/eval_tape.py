@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from . import ops, reference

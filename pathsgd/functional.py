@@ -13,7 +13,7 @@ parameters they read are updated.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -133,10 +133,11 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
 
 
 def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
-                      gamma0: Optional[LogScaled] = None) -> Optional[LogScaled]:
+                      gamma0: Optional[LogScaled] = None) -> Optional[List[Tensor]]:
     """The chain's step as ONE op call (``pathsgd::dense_chain_step_``) when every weight and bias
     of it is updated with the same hyper-parameters (one param group, device and first step);
-    returns the gamma_out at the chain input, or None (nothing done) when that does not hold."""
+    returns ``[gamma_out, log scale]`` at the chain input (``[]`` without ``gamma0``), or None
+    (nothing done) when that does not hold."""
     weight_updates, bias_updates, bias_layers = [], [], []
     for index, layer in enumerate(chain.layers):
         update = updates.get(layer.weight)
@@ -158,15 +159,11 @@ def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
         update.prepare_buffer()
     if any(u.first_step != first.first_step for u in chosen):
         return None
-
-    def buffers(group: list) -> list:
-        return [u.buffer for u in group] if first.buffer is not None else []
-
-    v, s = gamma0 if gamma0 is not None else (None, None)
-    return ops.dense_chain_step_([u.param for u in weight_updates], [u.grad for u in weight_updates],
-                                 buffers(weight_updates), [u.param for u in bias_updates],
-                                 [u.grad for u in bias_updates], buffers(bias_updates), bias_layers, v, s,
-                                 first.p, first.sgd())
+    buffers = [u.buffer for u in chosen] if first.buffer is not None else []
+    gamma = [t.clone() for t in gamma0] if gamma0 is not None else []  # the op overwrites it with the result
+    ops.dense_chain_step_([u.param for u in chosen], [u.grad for u in chosen], buffers, bias_layers, gamma, first.p,
+                          first.sgd())
+    return gamma
 
 
 def group_sgd(group: Dict[str, Any], first_step: bool) -> SgdParams:
@@ -188,7 +185,7 @@ def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: 
     if record is None and all(u.p == p for u in updates.values()):
         gamma_out = _whole_chain_step(chain, updates, gamma0)
         if gamma_out is not None:
-            return gamma_out
+            return (gamma_out[0], gamma_out[1]) if gamma0 is not None else None
     if gamma0 is None:
         dense_step(chain, updates, batches, record=record)
         return None

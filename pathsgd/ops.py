@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -203,17 +203,27 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
     return reference.fused_dense_step_(*tensors, p, sgd)
 
 
-def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
-                      biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
-                      bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
-                      sgd: SgdParams, workspace: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+                      bias_layers: List[int], gamma0: List[Tensor], p: float, sgd: SgdParams,
+                      workspace: Optional[Tensor] = None) -> None:
     """The fused Path-SGD step of a whole dense chain in one call; see the reference. ``workspace``:
     a uint8 tensor kept across steps for the op's small tensors (CUDA; it grows at the first step)."""
-    lists = (weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0,
-             gamma0_log_scale)
-    if _use_compiled(weights[0]):
-        return _K.dense_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor, workspace)
-    return reference.dense_chain_step_(*lists, p, sgd)
+    lists = (params, grads, momentum_buffers, bias_layers, gamma0)
+    if _use_compiled(params[0]):
+        _K.dense_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor, workspace)
+    else:
+        reference.dense_chain_step_(*lists, p, sgd)
+
+
+def dense_chain_step_kernel(device_type: str) -> Optional[Callable[..., None]]:
+    """The compiled ``dense_chain_step_`` for tensors on ``device_type`` itself (None without one),
+    called with the op's arguments (``sgd`` packed), for a step plan: a small model's step is mostly
+    the cost of calling it, and this skips the wrapper's backend choice and the OpOverload's Python
+    frame."""
+    if not has_kernel(device_type):
+        return None
+    overload = _K.dense_chain_step_.default
+    return getattr(overload, "_op", overload)
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
@@ -262,11 +272,8 @@ def _fused_dense_step_fake(weight, grad, momentum_buffer, gamma_in, gamma_in_log
     return gamma_out.new_empty((weight.shape[1],)), gamma_out_log_scale.new_empty(())
 
 
-def _dense_chain_step_fake(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                           gamma0, gamma0_log_scale, p, sgd, lr_tensor, workspace=None):
-    first = weights[0]
-    opmath = reference.opmath_dtype(first.dtype)
-    return first.new_empty((first.shape[1],), dtype=opmath), first.new_empty((), dtype=torch.float64)
+def _dense_chain_step_fake(params, grads, momentum_buffers, bias_layers, gamma0, p, sgd, lr_tensor, workspace=None):
+    return None
 
 
 def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, sgd, lr_tensor):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -308,7 +308,7 @@ class PathSGD(Optimizer):
             if graph.dense_layers - graph.head_names:
                 return None
             plan = TrunkStepPlan(graph, group)
-        if not ops.has_kernel(plan.device_type) or {id(t) for t in group["params"]} != {id(t) for t in plan.params}:
+        if plan.kernel is None or {id(t) for t in group["params"]} != {id(t) for t in plan.params}:
             return None
         return plan
 

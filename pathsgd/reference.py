@@ -155,20 +155,27 @@ def fused_dense_step_(weight: Tensor, grad: Optional[Tensor], momentum_buffer: O
     return gamma_prev
 
 
-def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_buffers: List[Tensor],
-                      biases: List[Tensor], bias_grads: List[Tensor], bias_buffers: List[Tensor],
-                      bias_layers: List[int], gamma0: Optional[Tensor], gamma0_log_scale: Optional[Tensor], p: float,
-                      sgd: SgdParams) -> Tuple[Tensor, Tensor]:
-    """The Path-SGD step of a chain of dense layers ``y = W_l x + b_l`` (every weight and the biases
-    of ``bias_layers`` updated), composed of the per-layer ops:
+def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+                      bias_layers: List[int], gamma0: List[Tensor], p: float, sgd: SgdParams) -> None:
+    """The Path-SGD step of a chain of dense layers ``y = W_l x + b_l``, composed of the per-layer ops.
+    ``params``: every weight ``W_0 .. W_{L-1}``, then the biases of ``bias_layers``; ``grads`` and
+    ``momentum_buffers`` (empty without momentum) in the same order; ``gamma0``: empty or the chain's
+    input gamma as ``[values, log scale]``:
 
         gamma_in(0) = gamma0 (default ones), gamma_in(l+1) = gamma_forward(W_l, b_l, gamma_in(l))
         gamma_out = 1; for l = L-1 .. 0:  kappa(b_l) = gamma_out;
                                           gamma_out = fused_dense_step_(W_l, gamma_in(l), gamma_out)
         scaled_sgd_update_(biases, kappa(b))
 
-    Returns the gamma_out at the chain input (``|W|^pT`` products of the old weights).
+    A given ``gamma0`` is then overwritten with the gamma_out at the chain input (``|W|^pT``
+    products of the old weights): what the part of the model before the chain needs.
     """
+    layers = len(params) - len(bias_layers)
+    weights, biases = params[:layers], params[layers:]
+    weight_grads, bias_grads = grads[:layers], grads[layers:]
+    weight_buffers, bias_buffers = momentum_buffers[:layers], momentum_buffers[layers:]
+    result = gamma0
+    gamma0, gamma0_log_scale = gamma0 if result else (None, None)
     bias_of = dict(zip(bias_layers, biases))
     first, last = weights[0], weights[-1]
     if gamma0 is None:
@@ -190,7 +197,8 @@ def dense_chain_step_(weights: List[Tensor], weight_grads: List[Tensor], weight_
         gamma_out = fused_dense_step_(w, weight_grads[index], buffer, v_in.to(opmath_dtype(w.dtype)), s_in,
                                       v_out.to(opmath_dtype(w.dtype)), s_out, p, sgd)
     scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], p, sgd)
-    return gamma_out
+    for t, value in zip(result, gamma_out):  # nothing without gamma0
+        t.copy_(value)
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],

@@ -15,7 +15,8 @@ op refuses (the general path then raises its error naming the parameter).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import operator
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,15 +26,23 @@ from .eval_dense import from_log_scaled, to_log_scaled
 from .functional import evaluator_for, group_sgd
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
+from .sgd_params import SgdParams
 
 __all__ = ["ChainStepPlan", "TrunkStepPlan"]
+
+# What a step plan's hyper-parameters are built from (p and every SGD field but first_step).
+_GROUP_VALUES = operator.itemgetter("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "eps",
+                                    "clamp", "p")
 
 
 def _grads_and_buffers(params: List[Tensor], state: Dict[Tensor, Any], momentum: bool):
     """``(grads, buffers)`` of ``params``, or None when a gradient or (with momentum) a buffer is missing."""
-    grads = [t.grad for t in params]
-    if any(g is None for g in grads):
-        return None
+    grads = []
+    for t in params:
+        grad = t.grad
+        if grad is None:
+            return None
+        grads.append(grad)
     buffers: list = []
     if momentum:
         for t in params:
@@ -47,18 +56,30 @@ def _grads_and_buffers(params: List[Tensor], state: Dict[Tensor, Any], momentum:
 
 class ChainStepPlan:
     """The step of a model that is one dense chain optimized by one param group: the chain's
-    parameters in layer order and its bias layers, resolved once."""
+    parameters in the op's order (the weights in layer order, then the biases) and its bias
+    layers, resolved once."""
 
     def __init__(self, chain: DenseChain, group: Dict[str, Any]) -> None:
         self.group = group
-        self.weights = [layer.weight_param for layer in chain.layers]
-        self.bias_layers = [i for i, layer in enumerate(chain.layers) if layer.bias_param is not None]
-        self.biases = [chain.layers[i].bias_param for i in self.bias_layers]
-        self.slots = [(layer.module._parameters, "weight", w) for layer, w in zip(chain.layers, self.weights)]
-        self.slots += [(chain.layers[i].module._parameters, "bias", b) for i, b in zip(self.bias_layers, self.biases)]
-        self.device_type = self.weights[0].device.type
+        layers = chain.layers
+        self.bias_layers = [i for i, layer in enumerate(layers) if layer.bias_param is not None]
+        self.chain_params = [layer.weight_param for layer in layers] + [layers[i].bias_param for i in self.bias_layers]
+        self.slots = [(layer.module._parameters, "weight", layer.weight_param) for layer in layers]
+        self.slots += [(layers[i].module._parameters, "bias", layers[i].bias_param) for i in self.bias_layers]
+        self.device = self.chain_params[0].device
+        self.kernel = ops.dense_chain_step_kernel(self.device.type)  # None: no compiled kernel (no plan)
         # The chain op's small tensors, kept across steps (it grows to their size at the first step).
-        self.workspace = torch.empty(0, dtype=torch.uint8, device=self.weights[0].device)
+        self.workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._hyper: tuple = ()  # (the group's values, p, their SgdParams, packed) of the latest step
+
+    def hyper(self) -> Tuple[float, SgdParams, List[float]]:
+        """``(p, SgdParams, packed)`` of the group, built again only when one of its values changed (an
+        lr scheduler): most of the cost of building them is Python, every step."""
+        values = _GROUP_VALUES(self.group)
+        if not self._hyper or self._hyper[0] != values:
+            sgd = group_sgd(self.group, False)
+            self._hyper = (values, float(self.group["p"]), sgd, sgd.packed())
+        return self._hyper[1:]
 
     @property
     def params(self) -> List[Tensor]:
@@ -69,29 +90,32 @@ class ChainStepPlan:
         """Every parameter of the plan is still the one its module holds (none was replaced)."""
         return all(params.get(name) is t for params, name, t in self.slots)
 
-    def _chain_args(self, state: Dict[Tensor, Any]) -> Optional[list]:
-        """The chain's tensor lists for ``dense_chain_step_``, or None (the general path)."""
-        if self.weights[0].device.type != self.device_type:
-            return None
-        momentum = self.group["momentum"] != 0
-        weights = _grads_and_buffers(self.weights, state, momentum)
-        biases = _grads_and_buffers(self.biases, state, momentum)
-        if weights is None or biases is None:
-            return None
-        if self.workspace.device != self.weights[0].device:  # the model moved to another GPU
-            self.workspace = torch.empty(0, dtype=torch.uint8, device=self.weights[0].device)
-        return [self.weights, *weights, self.biases, *biases, self.bias_layers]
+    def _chain_args(self, state: Dict[Tensor, Any]) -> Optional[tuple]:
+        """The chain's ``(grads, momentum buffers)`` for ``dense_chain_step_``, or None (the general path)."""
+        device = self.chain_params[0].device
+        if device != self.device:
+            if device.type != self.device.type:
+                return None
+            self.device = device  # the model moved to another GPU
+            self.workspace = torch.empty(0, dtype=torch.uint8, device=device)
+        return _grads_and_buffers(self.chain_params, state, self.group["momentum"] != 0)
 
-    def step(self, state: Dict[Tensor, Any]) -> bool:
-        args = self._chain_args(state)
-        if args is None:
-            return False
-        group = self.group
+    def _run_chain(self, grads: List[Tensor], buffers: List[Tensor], gamma0: List[Tensor], p: float,
+                   sgd: SgdParams, packed: List[float]) -> bool:
+        """The chain op (it replaces a given ``gamma0`` with the gamma_out at the chain input); False
+        when it refuses an argument (it checks them all before it changes anything)."""
         try:
-            ops.dense_chain_step_(*args, None, None, float(group["p"]), group_sgd(group, False), self.workspace)
-        except RuntimeError:  # the op checks every argument before it changes anything
+            self.kernel(self.chain_params, grads, buffers, self.bias_layers, gamma0, p, packed, sgd.lr_tensor,
+                        self.workspace)
+        except RuntimeError:
             return False
         return True
+
+    def step(self, state: Dict[Tensor, Any]) -> bool:
+        found = self._chain_args(state)
+        if found is None:
+            return False
+        return self._run_chain(*found, [], *self.hyper())
 
 
 class TrunkStepPlan(ChainStepPlan):
@@ -123,7 +147,7 @@ class TrunkStepPlan(ChainStepPlan):
         found = _grads_and_buffers(self.trunk_params, state, self.group["momentum"] != 0)
         if found is None:
             return None
-        device = self.weights[0].device
+        device = self.device
         for t, g in zip(self.trunk_params, found[0]):
             if g.layout != torch.strided or g.shape != t.shape or g.dtype != t.dtype or g.device != device:
                 return None
@@ -133,29 +157,27 @@ class TrunkStepPlan(ChainStepPlan):
         return found
 
     def step(self, state: Dict[Tensor, Any]) -> bool:
-        graph, group = self.graph, self.group
+        graph = self.graph
         if any(m.training for m in graph.batchnorms.values()):
             return False  # the general path raises the error that names the module
         chain = self._chain_args(state)
         trunk = self._trunk_args(state) if chain is not None else None
         if trunk is None:
             return False
-        p, sgd = float(group["p"]), group_sgd(group, False)
-        opmath = opmath_dtype(self.weights[0].dtype)
+        p, sgd, packed = self.hyper()
+        opmath = opmath_dtype(self.chain_params[0].dtype)
         evaluator = self.evaluator
         if self.compiled:
-            device = self.weights[0].device
+            device = self.device
             leaves, values = evaluator.forward_op(p, device, self.trunk_params)
             x = evaluator.stop_value(values, device)
         else:
             acts = evaluator.forward(p)
             x = acts.env[graph.head_input]
-        v, s = to_log_scaled(x.reshape(-1), opmath)
-        try:
-            gamma_out = ops.dense_chain_step_(*chain, v, s, p, sgd, self.workspace)
-        except RuntimeError:  # the op checks every argument before it changes anything
+        gamma = list(to_log_scaled(x.reshape(-1), opmath))  # the head's input gamma, then its gamma_out
+        if not self._run_chain(*chain, gamma, p, sgd, packed):
             return False
-        seed = from_log_scaled(gamma_out, x.device)
+        seed = from_log_scaled((gamma[0], gamma[1]), x.device)
         if self.compiled:
             kappas = evaluator.backward_op(values, leaves, seed, p)
         else:

@@ -723,8 +723,8 @@ def test_opcheck_half_dtypes(dtype):
                                 [torch.rand(5, 3, generator=gen, dtype=F64), torch.rand(5, generator=gen, dtype=F64)],
                                 1.5, SgdParams(0.0, 0.9, eps=1e-12).packed(), torch.tensor(0.1))),
         ("clamp_", ([w.clone(), b.clone()], -0.1, 0.1)),
-        ("dense_chain_step_", ([w.clone(), w2.clone()], [g, g2], [buf.clone(), buf2.clone()], [b.clone()], [b.clone()],
-                               [b.clone()], [0], None, None, 2.0,
+        ("dense_chain_step_", ([w.clone(), w2.clone(), b.clone()], [g, g2, b.clone()],
+                               [buf.clone(), buf2.clone(), b.clone()], [0], [], 2.0,
                                SgdParams(0.1, 0.9, 0.0, 0.01, True, eps=1e-12, clamp_max=1.0).packed(), None)),
     ]
     # abs_pow_forward / abs_pow_vjp work on the float64 abs-pow network whatever the parameters' dtype.

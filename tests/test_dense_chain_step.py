@@ -100,15 +100,13 @@ class Chain:
 
     def args(self, device: str) -> tuple:
         """Fresh copies on ``device`` of everything the op mutates, in the op's argument order."""
-        h = self.h
-        momentum = h["momentum"] != 0
+        momentum = self.h["momentum"] != 0
         to = lambda ts: [t.clone().to(device) for t in ts]  # noqa: E731
         sgd = self.sgd(device)
-        return (to(self.weights), to(self.grads), to(self.buffers) if momentum else [], to(self.biases),
-                to(self.bias_grads), to(self.bias_buffers) if momentum else [], list(self.bias_layers),
-                None if self.gamma0 is None else self.gamma0.to(device),
-                None if self.gamma0 is None else self.gamma0_log_scale.to(device), self.p, sgd.packed(),
-                sgd.lr_tensor)
+        gamma0 = [] if self.gamma0 is None else to([self.gamma0, self.gamma0_log_scale])
+        return (to(self.weights + self.biases), to(self.grads + self.bias_grads),
+                to(self.buffers + self.bias_buffers) if momentum else [], list(self.bias_layers), gamma0, self.p,
+                sgd.packed(), sgd.lr_tensor)
 
     def sgd(self, device: str) -> SgdParams:
         h = self.h
@@ -123,12 +121,23 @@ def twin(*args):
     return reference.dense_chain_step_(*args[:-2], SgdParams.unpack(args[-2], args[-1]))
 
 
+def split(args) -> tuple:
+    """The op's arguments as (weights, weight grads, weight buffers, biases, bias grads, bias buffers,
+    bias_layers, gamma0 or None, its log scale or None, p, *hyper)."""
+    params, grads, buffers, bias_layers, gamma0, p, *hyper = args
+    n = len(params) - len(bias_layers)
+    g0, s0 = gamma0 if gamma0 else (None, None)
+    return (params[:n], grads[:n], buffers[:n], params[n:], grads[n:], buffers[n:], bias_layers, g0, s0, p, *hyper)
+
+
 def per_layer(ns, host_exp: bool = False):
-    """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h.
-    ``host_exp``: a bias kappa's exp(log scale) by the C library (math.exp), as the CPU op computes it on
-    the host; else by the tensor's device, as the CUDA op does."""
-    def run(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s,
-            p, *hyper):
+    """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h,
+    called with the op's arguments; writes the gamma_out at the chain input into a given gamma0, as
+    the op does. ``host_exp``: a bias kappa's exp(log scale) by the C library (math.exp), as the
+    CPU op computes it on the host; else by the tensor's device, as the CUDA op does."""
+    def run(*args):
+        weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s, \
+            p, *hyper = split(args)
         momentum = hyper[0][1] != 0
         opm = lambda w: reference.opmath_dtype(w.dtype)  # noqa: E731
         bias_of = dict(zip(bias_layers, biases))
@@ -152,13 +161,14 @@ def per_layer(ns, host_exp: bool = False):
         if biases:
             ns.scaled_sgd_update_.default(biases, bias_grads, bias_buffers, [kappas[l] for l in bias_layers], p,
                                           *hyper)
-        return gout
+        for t, value in zip(args[4], gout):
+            t.copy_(value)
     return run
 
 
 def _state(args) -> List[Optional[torch.Tensor]]:
-    """What the op writes: weights, weight buffers, biases, bias buffers."""
-    return [*args[0], *args[2], *args[3], *args[5]]
+    """What the op writes: the weights and biases, their momentum buffers, the gamma0 pair."""
+    return [*args[0], *args[2], *args[4]]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -181,13 +191,16 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
     name, ns, device, _ = target
     case = Chain(chain, dtype, p, hyper, with_gamma0)
     got_args = case.args(device)
-    got = ns.dense_chain_step_.default(*got_args)
-    assert got[0].dtype == reference.opmath_dtype(dtype) and got[0].shape == (case.weights[0].shape[1],)
-    assert got[1].dtype == F64 and got[1].dim() == 0 and got[0].device.type == device
+    assert ns.dense_chain_step_.default(*got_args) is None
+    got = got_args[4]  # a given gamma0 now holds the gamma_out at the chain's input
+    if with_gamma0:
+        assert got[0].dtype == reference.opmath_dtype(dtype) and got[0].shape == (case.weights[0].shape[1],)
+        assert got[1].dtype == F64 and got[1].dim() == 0 and got[0].device.type == device
+        assert not torch.equal(got[0].cpu(), case.gamma0)
     # 1. the per-layer ops of the same device, composed in Python: the same bits
     layered_args = case.args(device)
-    layered = per_layer(ns, host_exp=name == "cpu")(*layered_args)
-    for i, (a, b) in enumerate(zip(_state(got_args) + list(got), _state(layered_args) + list(layered))):
+    per_layer(ns, host_exp=name == "cpu")(*layered_args)
+    for i, (a, b) in enumerate(zip(_state(got_args), _state(layered_args))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops"
     # 2. the pure-PyTorch twin (and the CPU kernels, for CUDA kernels): close
     others = [("reference", twin, device)]
@@ -195,18 +208,21 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
         others.append(("cpu", torch.ops.pathsgd.dense_chain_step_.default, "cpu"))
     for other_name, fn, other_device in others:
         other_args = case.args(other_device)
-        other = fn(*other_args)
-        for i, (a, b) in enumerate(zip(_state(got_args), _state(other_args))):
+        fn(*other_args)
+        other = other_args[4]
+        written = len(got_args[0]) + len(got_args[2])  # the parameters and buffers; then the gammas
+        for i, (a, b) in enumerate(zip(_state(got_args)[:written], _state(other_args)[:written])):
             assert_close(a, b, dtype, f"state {i} vs {other_name}")
-        assert_close(got[0], other[0], reference.opmath_dtype(dtype), f"gamma_out vs {other_name}")
-        assert_close(got[1], other[1].to(F64), reference.opmath_dtype(dtype), f"log scale vs {other_name}")
+        if with_gamma0:
+            assert_close(got[0], other[0], reference.opmath_dtype(dtype), f"gamma_out vs {other_name}")
+            assert_close(got[1], other[1].to(F64), reference.opmath_dtype(dtype), f"log scale vs {other_name}")
     # the weights and biases moved (the comparison is not vacuous; a half-precision update can round away)
-    moved = [not torch.equal(a.cpu(), b) for a, b in zip(got_args[0] + got_args[3], case.weights + case.biases)]
+    moved = [not torch.equal(a.cpu(), b) for a, b in zip(got_args[0], case.weights + case.biases)]
     assert all(moved) if dtype in (torch.float32, F64) else any(moved), moved
     # 3. a rerun: the same bits
     again_args = case.args(device)
-    again = ns.dense_chain_step_.default(*again_args)
-    for a, b in zip(_state(got_args) + list(got), _state(again_args) + list(again)):
+    ns.dense_chain_step_.default(*again_args)
+    for a, b in zip(_state(got_args), _state(again_args)):
         assert same_bits(a, b), "rerun differs"
 
 
@@ -232,25 +248,27 @@ def test_dense_chain_step_strided_tensors_and_mixed_dtypes(target, p):
     for ts in (case.biases, case.bias_grads, case.bias_buffers):
         ts[1] = ts[1].double()  # the bias of layer 1
     plain = case.args(device)
-    layered = per_layer(ns, host_exp=name == "cpu")(*plain)
+    per_layer(ns, host_exp=name == "cpu")(*plain)
     strided = case.args(device)
-    strided = ([_strided(w) for w in strided[0]], [_strided(g) for g in strided[1]], strided[2],
-               [_strided(b) for b in strided[3]], [_strided(g) for g in strided[4]], *strided[5:])
-    assert not any(t.is_contiguous() for t in strided[0] + strided[3] if t.numel() > 1)
-    got = ns.dense_chain_step_.default(*strided)
-    for i, (a, b) in enumerate(zip(_state(strided) + list(got), _state(plain) + list(layered))):
+    strided = ([_strided(t) for t in strided[0]], [_strided(g) for g in strided[1]], *strided[2:])
+    assert not any(t.is_contiguous() for t in strided[0] if t.numel() > 1)
+    ns.dense_chain_step_.default(*strided)
+    for i, (a, b) in enumerate(zip(_state(strided), _state(plain))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops on contiguous tensors"
-    assert got[0].dtype == torch.float32
-    assert all(not torch.equal(a.cpu(), b) for a, b in zip(strided[0] + strided[3], case.weights + case.biases))
+    assert strided[4][0].dtype == torch.float32
+    assert all(not torch.equal(a.cpu(), b) for a, b in zip(strided[0], case.weights + case.biases))
 
 
 def _bad(args, **changes) -> tuple:
-    names = ["weights", "weight_grads", "weight_buffers", "biases", "bias_grads", "bias_buffers", "bias_layers",
-             "gamma0", "gamma0_log_scale"]
+    names = ["params", "grads", "momentum_buffers", "bias_layers", "gamma0"]
     args = list(args)
     for key, value in changes.items():
         args[names.index(key)] = value
     return tuple(args)
+
+
+def _with(ts: list, index: int, t: torch.Tensor) -> list:
+    return ts[:index] + [t] + ts[index + 1:]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -259,25 +277,26 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
     case = Chain(2, torch.float32, 2.0, 1, False)  # 13-33-4-2, biases on layers 0 and 2, momentum
     args = case.args(device)
     before = [t.clone() for t in _state(args)]
-    w = args[0]
+    params, grads, buffers = args[:3]  # weights 0, 1, 2, then the biases of layers 0 and 2
+    s0 = torch.zeros((), dtype=F64, device=device)
     cases = [
-        (dict(weights=[w[0], w[2], w[1]]), "outputs"),
-        (dict(weight_grads=args[1][:2]), "weight grads"),
-        (dict(weight_buffers=args[2][:1]), "momentum buffers"),
+        (dict(params=[params[0], params[2], params[1], *params[3:]]), "outputs"),
+        (dict(grads=grads[:4]), "4 grads for 5 params"),
+        (dict(momentum_buffers=buffers[:1]), "momentum buffers"),
         (dict(bias_layers=[2, 0]), "increasing"),
         (dict(bias_layers=[0, 7]), "increasing"),
         (dict(bias_layers=[1, 2]), "shape"),
-        (dict(bias_grads=args[4][:1]), "bias grads"),
-        (dict(gamma0=torch.ones(13, device=device)), "together"),
-        (dict(gamma0=torch.ones(12, device=device), gamma0_log_scale=torch.zeros((), dtype=F64, device=device)),
-         "gamma0"),
-        (dict(weights=[]), "at least one layer"),
+        (dict(gamma0=[torch.ones(13, device=device)]), "gamma0 must be empty or"),
+        (dict(gamma0=[torch.ones(12, device=device), s0]), r"gamma0\[0\]"),
+        (dict(gamma0=[torch.ones(13, device=device), s0.reshape(1)]), r"gamma0\[1\]"),
+        (dict(params=[], bias_layers=[]), "at least one layer"),
+        (dict(params=params[3:], grads=grads[3:], momentum_buffers=buffers[3:]), "at least one layer"),
         # a bad tensor of the FIRST layer: found before the layers behind it (updated first) change
-        (dict(weight_grads=[args[1][0][:, :5], *args[1][1:]]), "weight grad 0"),
-        (dict(weight_grads=[args[1][0].double(), *args[1][1:]]), "weight grad 0"),
-        (dict(weight_buffers=[args[2][0].t().contiguous().t(), *args[2][1:]]), "weight momentum buffer 0"),
-        (dict(bias_grads=[args[4][0].double(), args[4][1]]), "bias grad 0"),
-        (dict(bias_buffers=[args[5][0][:3], args[5][1]]), "bias momentum buffer 0"),
+        (dict(grads=_with(grads, 0, grads[0][:, :5])), "weight grad 0"),
+        (dict(grads=_with(grads, 0, grads[0].double())), "weight grad 0"),
+        (dict(momentum_buffers=_with(buffers, 0, buffers[0].t().contiguous().t())), "weight momentum buffer 0"),
+        (dict(grads=_with(grads, 3, grads[3].double())), "bias grad 0"),
+        (dict(momentum_buffers=_with(buffers, 3, buffers[3][:3])), "bias momentum buffer 0"),
     ]
     for changes, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
@@ -292,20 +311,17 @@ def test_dense_chain_step_workspace_is_reused_and_changes_no_bits(target, initia
     """With a workspace (the step plan's, kept across steps) the op gives the bits it gives without
     one. The CUDA kernels take their small tensors from it: the first call grows it (from empty, or
     from too small: the rest were fresh allocations), later calls find everything in it (no growth,
-    the same storage). The CPU op keeps its vectors on the host and leaves it as it is. No output is
-    a view of it."""
+    the same storage). The CPU op keeps its vectors on the host and leaves it as it is."""
     name, ns, device, _ = target
     case = Chain(4, torch.float32, 2.0, 1, True)  # 40-65-130-3, a bias on every layer, momentum, gamma0
     plain_args = case.args(device)
-    plain = ns.dense_chain_step_.default(*plain_args)
+    ns.dense_chain_step_.default(*plain_args)
     workspace = torch.empty(initial, dtype=torch.uint8, device=device)
     for call in range(3):
         args = case.args(device)
-        got = ns.dense_chain_step_.default(*args, workspace)
-        for i, (a, b) in enumerate(zip(_state(args) + list(got), _state(plain_args) + list(plain))):
+        ns.dense_chain_step_.default(*args, workspace)
+        for i, (a, b) in enumerate(zip(_state(args), _state(plain_args))):
             assert same_bits(a, b), f"call {call}: output {i} differs from the op without a workspace"
-        for t in got:
-            assert t.untyped_storage().data_ptr() != workspace.untyped_storage().data_ptr()
         if call == 0:
             size, storage = workspace.numel(), workspace.data_ptr()
         assert (workspace.numel(), workspace.data_ptr()) == (size, storage), f"call {call} grew the workspace"
@@ -348,9 +364,9 @@ def test_dense_chain_step_subnormal_gammas_stay_finite(target, with_bias):
     weights = [tiny, torch.tensor([[1.0], [0.5]], dtype=F64), torch.tensor([[0.3, -0.2]], dtype=F64)]
     grads = [torch.full_like(w, 0.7) for w in weights]
     biases = [torch.tensor([1e-250], dtype=F64)] if with_bias else []
-    args = lambda dev: ([w.clone().to(dev) for w in weights], [g.to(dev) for g in grads], [],  # noqa: E731
-                        [b.clone().to(dev) for b in biases], [torch.full_like(b, 0.1).to(dev) for b in biases], [],
-                        [0] if with_bias else [], None, None, 1.5, SgdParams(0.5, eps=1e-12).packed(), None)
+    args = lambda dev: ([t.clone().to(dev) for t in weights + biases],  # noqa: E731
+                        [g.to(dev) for g in grads] + [torch.full_like(b, 0.1).to(dev) for b in biases], [],
+                        [0] if with_bias else [], [], 1.5, SgdParams(0.5, eps=1e-12).packed(), None)
     got_args, want_args = args(device), args(device)
     ns.dense_chain_step_.default(*got_args)
     twin(*want_args)

@@ -34,22 +34,27 @@ class Net(nn.Module):
 
 
 class Calls:
-    """Counts the general path's per-parameter collection and the chain op's calls."""
+    """Counts the general path's per-parameter collection and the chain op's calls (by the general
+    path's wrapper or by a step plan's kernel: plans built after this)."""
 
     def __init__(self, monkeypatch) -> None:
         self.general = self.chain_op = 0
-        collect, chain_op = pathsgd.PathSGD._collect_updates, ops.dense_chain_step_
+        collect, chain_op, kernel = pathsgd.PathSGD._collect_updates, ops.dense_chain_step_, ops.dense_chain_step_kernel
 
         def counted_collect(opt):
             self.general += 1
             return collect(opt)
 
-        def counted_chain_op(*args, **kwargs):
-            self.chain_op += 1
-            return chain_op(*args, **kwargs)
+        def counted(fn):
+            def call(*args, **kwargs):
+                self.chain_op += 1
+                return fn(*args, **kwargs)
+            return call
 
         monkeypatch.setattr(pathsgd.PathSGD, "_collect_updates", counted_collect)
-        monkeypatch.setattr(ops, "dense_chain_step_", counted_chain_op)
+        monkeypatch.setattr(ops, "dense_chain_step_", counted(chain_op))
+        monkeypatch.setattr(ops, "dense_chain_step_kernel", lambda device_type: kernel(device_type) and counted(
+            kernel(device_type)))
 
 
 def train(model, opt, steps, seed=0, between=None):

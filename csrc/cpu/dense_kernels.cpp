@@ -253,7 +253,9 @@ struct KappaPowFactors {
 
 // Rows [i0, i1) of the fused pass: y[j] = sum over these rows, in row order, of |W_ij|^p gamma_out_i,
 // and the update of the rows. kKind and kV are compile-time so the inner loops have no per-vector
-// branches.
+// branches. y null: the update only (the first layer of a whole-model chain: nobody needs the
+// gamma_out of the model input); in the vectorized path that skips the sums, else they go to a
+// scratch row.
 template <typename scalar_t, bool kUpdate, PowKind kKind, SgdVariant kV>
 void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar_t* G, scalar_t* B,
                  const at::opmath_type<scalar_t>* gout, const KappaPowFactors<at::opmath_type<scalar_t>>* kappa,
@@ -266,7 +268,13 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
   const bool exact = kUpdate && kappa->exact;
   const bool buffered = kUpdate && h.has_momentum;
   const opmath_t inv_eps_s = opmath_t(1) / h.eps;  // inf when eps == 0, like g / 0
-  for (int64_t j = 0; j < cols; ++j) y[j] = opmath_t(0);
+  const bool sums = y != nullptr;
+  std::vector<opmath_t> scratch;
+  if (!sums && !(std::is_same_v<scalar_t, opmath_t> && !(kUpdate && kappa->exact))) {
+    scratch.resize(cols);  // the element-wise path below always accumulates
+    y = scratch.data();
+  }
+  if (y != nullptr) std::fill(y, y + cols, opmath_t(0));
   int64_t i = i0;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     using V = Vectorized<opmath_t>;
@@ -274,9 +282,10 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
     constexpr bool kBuffer = kV == SgdVariant::kPlainMomentum;  // kAll reads `buffered` at run time
     // kR rows at a time: the partial sums y and the column factors are loaded and y stored once per
     // kR rows (per row otherwise), and y still gets the rows' terms one by one in row order.
-    const auto rows_at = [&](auto rows_tag, auto bounded_tag) {
+    const auto rows_at = [&](auto rows_tag, auto bounded_tag, auto sums_tag) {
       constexpr int kR = decltype(rows_tag)::value;
       constexpr bool kBounded = decltype(bounded_tag)::value;
+      constexpr bool kSums = decltype(sums_tag)::value;
       scalar_t* w[kR];
       const scalar_t* g[kR];
       scalar_t* b[kR];
@@ -293,11 +302,11 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
       // n = V::size() lanes, or the rows' last n < V::size() elements (masked loads and stores:
       // a narrow layer's rows would otherwise spend most of their time in a scalar loop).
       const auto lanes = [&](int64_t j, int64_t n) {
-        V yv = V::loadu(y + j, n);
+        V yv = kSums ? V::loadu(y + j, n) : V(opmath_t(0));
         const V ic = kUpdate ? V::loadu(ics + j, n) : V(opmath_t(0));
         for (int r = 0; r < kR; ++r) {
           const V wv = V::loadu(w[r] + j, n);
-          yv = yv + abs_pow(wv, kKind, p) * vgo[r];
+          if constexpr (kSums) yv = yv + abs_pow(wv, kKind, p) * vgo[r];
           if constexpr (kUpdate) {
             const bool with_buffer = kBuffer || (kV == SgdVariant::kAll && buffered);
             V bv = with_buffer ? V::loadu(b[r] + j, n) : V(opmath_t(0));
@@ -308,7 +317,7 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
             if (with_buffer) bv.store(b[r] + j, n);
           }
         }
-        yv.store(y + j, n);
+        if constexpr (kSums) yv.store(y + j, n);
       };
       int64_t j = 0;
       for (; j + V::size() <= cols; j += V::size()) lanes(j, V::size());
@@ -323,12 +332,19 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
       }
       return true;
     };
+    const auto with_sums = [&](auto rows_tag, auto bounded_tag) {
+      if (!kUpdate || sums) {
+        rows_at(rows_tag, bounded_tag, std::true_type{});
+      } else if constexpr (kUpdate) {
+        rows_at(rows_tag, bounded_tag, std::false_type{});
+      }
+    };
     const auto run = [&](auto rows_tag) {
       constexpr int kR = decltype(rows_tag)::value;
       if (bounded(i, i + kR)) {
-        rows_at(rows_tag, std::true_type{});
+        with_sums(rows_tag, std::true_type{});
       } else {
-        rows_at(rows_tag, std::false_type{});
+        with_sums(rows_tag, std::false_type{});
       }
       i += kR;
     };
@@ -371,6 +387,7 @@ int64_t row_block_count(int64_t rows, int64_t cols) {
 
 // The fused pass of one layer over contiguous data: Y = |W_old|^pT gout normalized (returns its log
 // scale) and, when G is given, the update with kappa_ij = gout_i gin_j (B: the momentum buffer or null).
+// Y null (with G): the update only, no sums (returns 0).
 template <typename scalar_t>
 double fused_dense_core(scalar_t* W, const scalar_t* G, scalar_t* B, int64_t rows, int64_t cols,
                         const at::opmath_type<scalar_t>* gi, double gin_log_scale,
@@ -388,19 +405,20 @@ double fused_dense_core(scalar_t* W, const scalar_t* G, scalar_t* B, int64_t row
   // Row blocks, each streaming its rows of W (and grad, buffer) front to back into its
   // own partial column sums; the partials are then added in block order. The blocks
   // depend only on the shape, so the sums do not depend on the thread count.
+  const bool sums = Y != nullptr || !update;
   const int64_t blocks = row_block_count(rows, cols);
   const int64_t block_rows = (rows + blocks - 1) / blocks;
-  std::vector<opmath_t> partial(blocks > 1 ? blocks * cols : 0);
+  std::vector<opmath_t> partial(blocks > 1 && sums ? blocks * cols : 0);
   dispatch_pow_kind(pow_kind(p), [&](auto kind) {
     const auto run = [&](auto update_tag, auto variant) {
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           dense_block<scalar_t, decltype(update_tag)::value, kind.value, variant.value>(
               b * block_rows, std::min(rows, (b + 1) * block_rows), cols, W, G, B, go,
-              update ? &*kappa : nullptr, blocks > 1 ? partial.data() + b * cols : Y, pp, h);
+              update ? &*kappa : nullptr, !sums ? nullptr : blocks > 1 ? partial.data() + b * cols : Y, pp, h);
         }
       });
-      if (blocks > 1) {  // Y[j] = partial_0[j] + partial_1[j] + ... in block order
+      if (blocks > 1 && sums) {  // Y[j] = partial_0[j] + partial_1[j] + ... in block order
         at::parallel_for(0, cols, kElementGrain, [&](int64_t j0, int64_t j1) {
           std::copy(partial.begin() + j0, partial.begin() + j1, Y + j0);
           for (int64_t b = 1; b < blocks; ++b) {
@@ -413,7 +431,7 @@ double fused_dense_core(scalar_t* W, const scalar_t* G, scalar_t* B, int64_t row
     if (!update) return run(std::false_type{}, std::integral_constant<SgdVariant, SgdVariant::kAll>{});
     dispatch_sgd_variant(h, [&](auto variant) { run(std::true_type{}, variant); });
   });
-  return normalize_log_scaled(Y, cols, gout_log_scale, static_cast<const double*>(nullptr));
+  return sums ? normalize_log_scaled(Y, cols, gout_log_scale, static_cast<const double*>(nullptr)) : 0.0;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_dense_step_cpu(
@@ -528,10 +546,12 @@ struct HostChain {
     bias_kappas[k].resize(gout.size());
     for (int64_t i = 0; i < gout.size(); ++i) bias_kappas[k][i] = gout.at(i) * scale;
   }
+  // Layer 0 of a chain that starts at the model input: its gamma_out is not needed (no sums).
   Gamma fused(int64_t l, Gamma& gin_, Gamma& gout_) {
     HostGamma& gi = gin_.as(opmath_of(l));
     HostGamma& go = gout_.as(opmath_of(l));
-    HostGamma y(opmath_of(l), weights[l].size(1), 0.0);
+    const bool sums = l > 0 || gamma0.has_value();
+    HostGamma y(opmath_of(l), sums ? weights[l].size(1) : 0, 0.0);
     const at::Tensor g = weight_grads[l].contiguous();
     const bool momentum = a.momentum != 0.0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights[l].scalar_type(), "dense_chain_step_cpu", [&] {
@@ -539,7 +559,8 @@ struct HostChain {
       y.log_scale = fused_dense_core<scalar_t>(
           w[l].mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
           momentum ? weight_buffers[l].mutable_data_ptr<scalar_t>() : nullptr, weights[l].size(0), weights[l].size(1),
-          gi.data<opmath_t>(), gi.log_scale, go.data<opmath_t>(), go.log_scale, p, a, lr, y.data<opmath_t>());
+          gi.data<opmath_t>(), gi.log_scale, go.data<opmath_t>(), go.log_scale, p, a, lr,
+          sums ? y.data<opmath_t>() : nullptr);
     });
     if (!w[l].is_same(weights[l])) weights[l].copy_(w[l]);
     return y;
@@ -552,36 +573,37 @@ struct HostChain {
       if (!b[k].is_same(biases[k])) biases[k].copy_(b[k]);
     }
   }
-  std::tuple<at::Tensor, at::Tensor> result(Gamma& gout) {
-    at::Tensor out = at::empty({gout.size()}, weights[0].options().dtype(gout.type));
+  // The gamma_out at the chain's input into the caller's gamma0 (layer 0's opmath dtype, as gout).
+  void finish(Gamma& gout) {
+    if (!gamma0.has_value()) return;
+    at::Tensor out = gamma0->contiguous();
     AT_DISPATCH_FLOATING_TYPES(gout.type, "dense_chain_step_cpu", [&] {
       std::copy_n(gout.data<scalar_t>(), gout.size(), out.mutable_data_ptr<scalar_t>());
     });
-    return {out, at::scalar_tensor(gout.log_scale, weights[0].options().dtype(at::kDouble))};
+    if (!out.is_same(*gamma0)) gamma0->copy_(out);
+    gamma0_log_scale->fill_(gout.log_scale);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> dense_chain_step_cpu(
-    at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
-    at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor,
+void dense_chain_step_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::IntArrayRef bias_layers,
+    at::TensorList gamma0, double p, at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor,
     const std::optional<at::Tensor>& workspace) {  // checked, not used: the CPU keeps its small vectors on the host
   const SgdArgs a = checks::sgd_args(sgd, "dense_chain_step_");
-  checks::dense_chain_step_args(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                                gamma0, gamma0_log_scale, p, a.momentum, workspace);
-  const int64_t n = static_cast<int64_t>(weights.size());
-  HostChain chain{weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, gamma0, gamma0_log_scale, p,
-                  a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
+  const checks::ChainArgs c =
+      checks::dense_chain_step_args(params, grads, momentum_buffers, bias_layers, gamma0, p, a.momentum, workspace);
+  const int64_t n = static_cast<int64_t>(c.weights.size());
+  HostChain chain{c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0,
+                  c.gamma0_log_scale, p, a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
   chain.w.resize(n);
   chain.bias_of.resize(n);
-  for (int64_t l = 0; l < n; ++l) chain.w[l] = weights[l].contiguous();  // a copy only when strided (written back)
-  for (size_t k = 0; k < biases.size(); ++k) {
-    chain.b.push_back(biases[k].contiguous());
+  for (int64_t l = 0; l < n; ++l) chain.w[l] = c.weights[l].contiguous();  // a copy only when strided (written back)
+  for (size_t k = 0; k < c.biases.size(); ++k) {
+    chain.b.push_back(c.biases[k].contiguous());
     chain.bias_of[bias_layers[k]] = chain.b.back();
   }
-  chain.bias_kappas.resize(biases.size());
-  return dense_chain_walk(chain, n, bias_layers);
+  chain.bias_kappas.resize(c.biases.size());
+  dense_chain_walk(chain, n, bias_layers);
 }
 
 }  // namespace

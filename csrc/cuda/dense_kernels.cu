@@ -536,17 +536,14 @@ std::tuple<at::Tensor, at::Tensor> fused_dense_step_cuda(
 
 
 // The whole dense chain in one call (csrc/dense_chain_step.h) over this file's kernels.
-std::tuple<at::Tensor, at::Tensor> dense_chain_step_cuda(
-    at::TensorList weights, at::TensorList weight_grads, at::TensorList weight_buffers, at::TensorList biases,
-    at::TensorList bias_grads, at::TensorList bias_buffers, at::IntArrayRef bias_layers,
-    const std::optional<at::Tensor>& gamma0, const std::optional<at::Tensor>& gamma0_log_scale, double p,
-    at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace) {
-  TORCH_CHECK(!weights.empty(), "pathsgd.dense_chain_step_: needs at least one layer");
-  check_cuda_tensor(weights[0], weights[0].device(), "dense_chain_step_", "weights[0]");
-  const c10::cuda::CUDAGuard guard(weights[0].device());  // the chain's own small tensors and ops
-  return dense_chain_step(weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers,
-                          gamma0, gamma0_log_scale, p, sgd, lr_tensor, workspace, gamma_forward_cuda_in,
-                          fused_dense_step_cuda_in, scaled_sgd_update_cuda);
+void dense_chain_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           at::IntArrayRef bias_layers, at::TensorList gamma0, double p, at::ArrayRef<double> sgd,
+                           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace) {
+  TORCH_CHECK(!params.empty(), "pathsgd.dense_chain_step_: needs at least one layer");
+  check_cuda_tensor(params[0], params[0].device(), "dense_chain_step_", "params[0]");
+  const c10::cuda::CUDAGuard guard(params[0].device());  // the chain's own small tensors and ops
+  dense_chain_step(params, grads, momentum_buffers, bias_layers, gamma0, p, sgd, lr_tensor, workspace,
+                   gamma_forward_cuda_in, fused_dense_step_cuda_in, scaled_sgd_update_cuda);
 }
 
 }  // namespace
