@@ -8,8 +8,8 @@
 // reference.abs_pow_forward / reference.abs_pow_vjp. A Python loop over the nodes costs more than
 // the arithmetic of these tiny networks; here each rule is a direct ATen call. Only ATen ops are
 // called, so one device-generic (CompositeExplicitAutograd) kernel serves CPU and CUDA tensors
-// alike, except that batch-1 float64 1-D/2-D convolutions of CPU tensors take direct loops
-// (csrc/direct_conv.h: ATen's per-call cost is most of such a tiny convolution's time).
+// alike, except that batch-1 float64 1-D/2-D convolutions and sum pools of CPU tensors take direct
+// loops (csrc/direct_conv.h: ATen's per-call cost is most of such a tiny convolution's time).
 // Accumulation follows the program order: deterministic.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -141,7 +141,9 @@ std::vector<at::Tensor> abs_pow_vjp(at::TensorList values, at::TensorList leaves
         if (!gy.defined()) break;
         const at::Tensor& x = values[src];
         at::Tensor gx;
-        if (nd == 1) {
+        if (direct_sum_pool_applies(x, nd)) {
+          gx = direct_sum_pool_backward(gy, x, nd, kernel, stride, padding, ceil_mode);
+        } else if (nd == 1) {
           gx = at::avg_pool2d_backward(gy.unsqueeze(-2), x.unsqueeze(-2), kernel, stride, padding, ceil_mode,
                                        /*count_include_pad=*/true, /*divisor_override=*/1)
                    .squeeze(-2);
@@ -168,6 +170,7 @@ std::vector<at::Tensor> abs_pow_vjp(at::TensorList values, at::TensorList leaves
 // pooling.sum_pool: 1-D pools run as 2-D ones.
 at::Tensor sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kernel, at::IntArrayRef stride,
                     at::IntArrayRef padding, bool ceil_mode) {
+  if (direct_sum_pool_applies(x, nd)) return direct_sum_pool(x, nd, kernel, stride, padding, ceil_mode);
   if (nd == 1) {
     return at::avg_pool2d(x.unsqueeze(-2), kernel, stride, padding, ceil_mode, /*count_include_pad=*/true,
                           /*divisor_override=*/1)

@@ -119,10 +119,10 @@ inline void like(const at::Tensor& t, const at::Tensor& param, const at::Device&
 
 // The dense chain op's arguments as per-kind lists: `params` are the chain's weights, then the
 // biases of the layers in `bias_layers`; `grads` and `momentum_buffers` follow the same order
-// (`momentum_buffers` empty without momentum); `gamma0` is empty or (values, log scale).
+// (`momentum_buffers` empty without momentum); `gamma0` is empty or the chain's float64 input gamma.
 struct ChainArgs {
   at::TensorList weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers;
-  std::optional<at::Tensor> gamma0, gamma0_log_scale;
+  std::optional<at::Tensor> gamma0;
 };
 
 // Splits the op's lists (checking their lengths) and checks every tensor the step reads or writes.
@@ -138,16 +138,13 @@ inline ChainArgs dense_chain_step_args(at::TensorList params, at::TensorList gra
   const bool momentum = momentum_value != 0.0;
   TORCH_CHECK(momentum_buffers.size() == (momentum ? params.size() : 0), op, ": momentum ", momentum_value, " needs ",
               momentum ? params.size() : 0, " momentum buffers (one per param), got ", momentum_buffers.size());
-  TORCH_CHECK(gamma0.empty() || gamma0.size() == 2, op,
-              ": gamma0 must be empty or (gamma0, its float64 log scale), got ", gamma0.size(), " tensors");
+  TORCH_CHECK(gamma0.size() <= 1, op, ": gamma0 must be empty or one float64 vector, got ", gamma0.size(),
+              " tensors");
   const auto head = [](at::TensorList list, int64_t k) { return list.empty() ? list : list.slice(0, k); };
   const auto tail = [](at::TensorList list, int64_t k) { return list.empty() ? list : list.slice(k); };
   ChainArgs args{head(params, n), head(grads, n), head(momentum_buffers, n), tail(params, n), tail(grads, n),
-                 tail(momentum_buffers, n), std::nullopt, std::nullopt};
-  if (!gamma0.empty()) {
-    args.gamma0 = gamma0[0];
-    args.gamma0_log_scale = gamma0[1];
-  }
+                 tail(momentum_buffers, n), std::nullopt};
+  if (!gamma0.empty()) args.gamma0 = gamma0[0];
   const at::TensorList weights = args.weights, weight_grads = args.weight_grads, weight_buffers = args.weight_buffers,
                        biases = args.biases, bias_grads = args.bias_grads, bias_buffers = args.bias_buffers;
   const at::Device device = weights[0].device();
@@ -181,14 +178,10 @@ inline ChainArgs dense_chain_step_args(at::TensorList params, at::TensorList gra
   }
   if (args.gamma0.has_value()) {
     const at::Tensor& g0 = *args.gamma0;
-    const at::Tensor& g0_log_scale = *args.gamma0_log_scale;
-    TORCH_CHECK(g0.dim() == 1 && g0.size(0) == weights[0].size(1) &&
-                    g0.scalar_type() == at::toOpMathType(weights[0].scalar_type()) && g0.device() == device,
-                op, ": gamma0[0] must be a [", weights[0].size(1), "] ", at::toOpMathType(weights[0].scalar_type()),
-                " tensor on ", device, ", got ", g0.sizes(), " ", g0.scalar_type(), " on ", g0.device());
-    TORCH_CHECK(g0_log_scale.dim() == 0 && g0_log_scale.scalar_type() == at::kDouble && g0_log_scale.device() == device,
-                op, ": gamma0[1] (the log scale of gamma0[0]) must be a 0-dim float64 tensor on ", device, ", got ",
-                g0_log_scale.sizes(), " ", g0_log_scale.scalar_type(), " on ", g0_log_scale.device());
+    TORCH_CHECK(g0.dim() == 1 && g0.size(0) == weights[0].size(1) && g0.scalar_type() == at::kDouble &&
+                    g0.device() == device,
+                op, ": gamma0 must be a [", weights[0].size(1), "] float64 tensor on ", device, ", got ", g0.sizes(),
+                " ", g0.scalar_type(), " on ", g0.device());
   }
   if (workspace.has_value()) {
     TORCH_CHECK(workspace->dim() == 1 && workspace->scalar_type() == at::kByte && workspace->is_contiguous() &&

@@ -15,6 +15,7 @@
 #include "checks.h"
 #include "workspace.h"
 
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -30,6 +31,9 @@ namespace pathsgd {
 //                                           (may skip it for layer 0 without gamma0: nothing reads it)
 //   void update_biases()                    the update of every bias with its kappa
 //   void finish(Gamma& gout)                the gamma_out at the chain's input, into gamma0 when given
+// A given gamma0 is the chain's input gamma as float64 values (what the conv trunk in front of the
+// chain computes): it enters as (values / s, log s) with s = max(max(gamma0), tiny) and leaves as
+// values * exp(log scale), the formulas of pathsgd/eval_dense.py's to_log_scaled / from_log_scaled.
 template <typename Chain>
 void dense_chain_walk(Chain& chain, int64_t layers, at::IntArrayRef bias_layers) {
   // 1. gamma forward: gamma_in of every layer (the chain's output gamma is not needed).
@@ -58,7 +62,6 @@ struct TensorChain {
 
   at::TensorList weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers;
   const std::optional<at::Tensor>& gamma0;
-  const std::optional<at::Tensor>& gamma0_log_scale;
   double p;
   at::ArrayRef<double> sgd;
   const std::optional<at::Tensor>& lr_tensor;
@@ -82,7 +85,18 @@ struct TensorChain {
   Gamma unit_gamma(int64_t l, int64_t n) { return {filled(n, opmath_of(l), 1.0), filled(-1, at::kDouble, 0.0)}; }
 
   Gamma input_gamma() {
-    if (gamma0.has_value()) return {*gamma0, *gamma0_log_scale};
+    if (gamma0.has_value()) {
+      const at::TensorOptions f64 = gamma0->options();
+      at::Tensor scale = workspace.empty({}, f64);
+      at::amax_out(scale, *gamma0, {0});
+      scale.clamp_min_(std::numeric_limits<double>::min());
+      at::Tensor v = workspace.empty({gamma0->size(0)}, f64);
+      at::div_out(v, *gamma0, scale);
+      at::Tensor log_scale = workspace.empty({}, f64);
+      at::log_out(log_scale, scale);
+      if (opmath_of(0) == at::kDouble) return {v, log_scale};
+      return {workspace.empty({v.size(0)}, f64.dtype(opmath_of(0))).copy_(v), log_scale};
+    }
     return unit_gamma(0, weights[0].size(1));
   }
   Gamma output_gamma() {
@@ -115,8 +129,9 @@ struct TensorChain {
   // after which the workspace grows to what this step took.
   void finish(Gamma& gout) {
     if (gamma0.has_value()) {
-      gamma0->copy_(gout.first);
-      gamma0_log_scale->copy_(gout.second);
+      at::Tensor scale = workspace.empty({}, gamma0->options());
+      at::exp_out(scale, gout.second);
+      gamma0->copy_(gout.first).mul_(scale);
     }
     workspace.finish();
   }
@@ -134,8 +149,7 @@ void dense_chain_step(at::TensorList params, at::TensorList grads, at::TensorLis
   const int64_t n = static_cast<int64_t>(c.weights.size());
   Workspace scratch(workspace);
   TensorChain<GammaForward, FusedStep, ScaledUpdate> chain{
-      c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0,
-      c.gamma0_log_scale, p, sgd, lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {},
+      c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p, sgd, lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {},
       {}};
   chain.bias_of.resize(n);
   for (size_t k = 0; k < c.biases.size(); ++k) chain.bias_of[bias_layers[k]] = c.biases[k];

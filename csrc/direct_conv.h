@@ -1,5 +1,5 @@
-// Direct CPU loops for the convolutions of the abs-pow network (csrc/abs_pow_programs.cpp): batch 1,
-// float64, 1-D or 2-D. Such a convolution is ~10^5 multiply-adds, which ATen's convolution (and its
+// Direct CPU loops for the convolutions and sum pools of the abs-pow network
+// (csrc/abs_pow_programs.cpp): batch 1, float64, 1-D or 2-D. Such a convolution is ~10^5 multiply-adds, which ATen's convolution (and its
 // backward) wraps in 20-70 us of dispatch, im2col buffers and thread hand-offs per call; these loops
 // run it on the calling thread. Fixed loop order: deterministic.
 #pragma once
@@ -26,5 +26,16 @@ at::Tensor direct_conv_forward(const at::Tensor& x, const at::Tensor& weight, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, bool has_bias, bool need_x,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// True when the direct loops take this sum pool: a CPU float64 contiguous batch-1 input, nd in {1, 2}.
+bool direct_sum_pool_applies(const at::Tensor& x, int64_t nd);
+
+// The window sums of a max pool of the model (at::avg_pool2d with count_include_pad and divisor 1:
+// zero padding), kernel / stride / padding lifted to 2-D for nd = 1 (pathsgd/pooling.py), and their
+// backward (at::avg_pool2d_backward's): the same additions in the same order.
+at::Tensor direct_sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool ceil_mode);
+at::Tensor direct_sum_pool_backward(const at::Tensor& gy, const at::Tensor& x, int64_t nd, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode);
 
 }  // namespace pathsgd

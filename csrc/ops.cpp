@@ -43,9 +43,9 @@ TORCH_LIBRARY(pathsgd, m) {
   // forward, every layer's fused pass output to input, the biases' multi-tensor update. params: the
   // chain's weights, then the biases of the layers in bias_layers (grads and momentum_buffers in the
   // same order; no buffers without momentum). gamma0: empty when the chain starts at the model
-  // input; when the chain is the head of a larger model, its input gamma (values, log scale), which
-  // the op replaces with the gamma_out at the chain's input, from the old weights (what the model
-  // before the head needs). workspace: a byte tensor the caller keeps across steps for the op's
+  // input; when the chain is the head of a larger model, its input gamma (a float64 vector), which
+  // the op replaces with the gamma_out at the chain's input (float64), from the old weights: what
+  // the model before the head needs. workspace: a byte tensor the caller keeps across steps for the op's
   // small tensors (csrc/workspace.h; CUDA). Few arguments and no outputs: from Python each one costs a
   // conversion every step, which is most of a small model's step.
   m.def(

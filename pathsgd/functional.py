@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .eval_autograd import AutogradEvaluator
-from .eval_dense import Batches, LogScaled, dense_step, from_log_scaled, on, to_log_scaled
+from .eval_dense import Batches, dense_step, from_log_scaled, on, to_log_scaled
 from .eval_tape import Kappas, TapeEvaluator
 from .graph import DenseChain, PathGraph
 from .reference import opmath_dtype
@@ -133,11 +133,11 @@ def _layer_updates(graph: PathGraph, updates: Dict[Tensor, ParamUpdate], results
 
 
 def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
-                      gamma0: Optional[LogScaled] = None) -> Optional[List[Tensor]]:
+                      gamma0: Optional[Tensor] = None) -> Optional[List[Tensor]]:
     """The chain's step as ONE op call (``pathsgd::dense_chain_step_``) when every weight and bias
     of it is updated with the same hyper-parameters (one param group, device and first step);
-    returns ``[gamma_out, log scale]`` at the chain input (``[]`` without ``gamma0``), or None
-    (nothing done) when that does not hold."""
+    returns ``[gamma_out]`` at the chain input (float64; ``[]`` without ``gamma0``, the chain's
+    float64 input gamma), or None (nothing done) when that does not hold."""
     weight_updates, bias_updates, bias_layers = [], [], []
     for index, layer in enumerate(chain.layers):
         update = updates.get(layer.weight)
@@ -160,7 +160,7 @@ def _whole_chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate],
     if any(u.first_step != first.first_step for u in chosen):
         return None
     buffers = [u.buffer for u in chosen] if first.buffer is not None else []
-    gamma = [t.clone() for t in gamma0] if gamma0 is not None else []  # the op overwrites it with the result
+    gamma = [gamma0.clone()] if gamma0 is not None else []  # the op overwrites it with the result
     ops.dense_chain_step_([u.param for u in chosen], [u.grad for u in chosen], buffers, bias_layers, gamma, first.p,
                           first.sgd())
     return gamma
@@ -176,20 +176,20 @@ def group_sgd(group: Dict[str, Any], first_step: bool) -> SgdParams:
 
 
 def _chain_step(chain: DenseChain, updates: Dict[Tensor, ParamUpdate], batches: Batches,
-                gamma0: Optional[LogScaled] = None, record: Optional[Dict[Tensor, Stored]] = None
-                ) -> Optional[LogScaled]:
+                gamma0: Optional[Tensor] = None, record: Optional[Dict[Tensor, Stored]] = None) -> Optional[Tensor]:
     """The dense walk of a chain: one op call when it applies, else layer by layer (mixed param
     groups, p values or parameters left out, or kappas to ``record``). Returns the gamma_out at
-    the chain input when ``gamma0`` (the chain's input gamma) is given."""
+    the chain input (float64) when ``gamma0`` (the chain's float64 input gamma) is given."""
     p = next(iter(updates.values())).p
     if record is None and all(u.p == p for u in updates.values()):
         gamma_out = _whole_chain_step(chain, updates, gamma0)
         if gamma_out is not None:
-            return (gamma_out[0], gamma_out[1]) if gamma0 is not None else None
+            return gamma_out[0] if gamma0 is not None else None
     if gamma0 is None:
         dense_step(chain, updates, batches, record=record)
         return None
-    return dense_step(chain, updates, batches, gamma0={p: gamma0}, record=record)[p]
+    gamma_in = to_log_scaled(gamma0, opmath_dtype(chain.layers[0].weight.dtype))
+    return from_log_scaled(dense_step(chain, updates, batches, gamma0={p: gamma_in}, record=record)[p], gamma0.device)
 
 
 def _stored_step(unit_params: Dict[str, Tensor], updates: Dict[Tensor, ParamUpdate],
@@ -240,9 +240,8 @@ def path_sgd(graph: Optional[PathGraph], updates: Dict[Tensor, ParamUpdate],
                                                                   updates, p))
         acts = trunk.forward(p)
         x = acts.env[graph.head_input]
-        gamma0 = to_log_scaled(x.reshape(-1), opmath_dtype(graph.head.layers[0].weight.dtype))
-        gamma_out = _chain_step(graph.head, updates, batches, gamma0, record)
-        results = {p: trunk.backward(acts, from_log_scaled(gamma_out, x.device))}
+        gamma_out = _chain_step(graph.head, updates, batches, x.reshape(-1), record)
+        results = {p: trunk.backward(acts, gamma_out)}
         _layer_updates(graph, updates, results, graph.head_names, batches, record)
     else:
         results = {}

@@ -159,23 +159,27 @@ def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffer
                       bias_layers: List[int], gamma0: List[Tensor], p: float, sgd: SgdParams) -> None:
     """The Path-SGD step of a chain of dense layers ``y = W_l x + b_l``, composed of the per-layer ops.
     ``params``: every weight ``W_0 .. W_{L-1}``, then the biases of ``bias_layers``; ``grads`` and
-    ``momentum_buffers`` (empty without momentum) in the same order; ``gamma0``: empty or the chain's
-    input gamma as ``[values, log scale]``:
+    ``momentum_buffers`` (empty without momentum) in the same order; ``gamma0``: empty, or the chain's
+    input gamma as a float64 vector, taken as the pair ``(gamma0 / s, log s)`` with
+    ``s = max(max(gamma0), tiny)``:
 
         gamma_in(0) = gamma0 (default ones), gamma_in(l+1) = gamma_forward(W_l, b_l, gamma_in(l))
         gamma_out = 1; for l = L-1 .. 0:  kappa(b_l) = gamma_out;
                                           gamma_out = fused_dense_step_(W_l, gamma_in(l), gamma_out)
         scaled_sgd_update_(biases, kappa(b))
 
-    A given ``gamma0`` is then overwritten with the gamma_out at the chain input (``|W|^pT``
-    products of the old weights): what the part of the model before the chain needs.
+    A given ``gamma0`` is then overwritten with the float64 values of the gamma_out at the chain input
+    (``|W|^pT`` products of the old weights): what the part of the model before the chain needs.
     """
     layers = len(params) - len(bias_layers)
     weights, biases = params[:layers], params[layers:]
     weight_grads, bias_grads = grads[:layers], grads[layers:]
     weight_buffers, bias_buffers = momentum_buffers[:layers], momentum_buffers[layers:]
-    result = gamma0
-    gamma0, gamma0_log_scale = gamma0 if result else (None, None)
+    given = gamma0[0] if gamma0 else None
+    gamma0 = gamma0_log_scale = None
+    if given is not None:
+        scale = given.amax().clamp_min(torch.finfo(torch.float64).tiny)
+        gamma0, gamma0_log_scale = (given / scale).to(opmath_dtype(params[0].dtype)), scale.log()
     bias_of = dict(zip(bias_layers, biases))
     first, last = weights[0], weights[-1]
     if gamma0 is None:
@@ -197,8 +201,8 @@ def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffer
         gamma_out = fused_dense_step_(w, weight_grads[index], buffer, v_in.to(opmath_dtype(w.dtype)), s_in,
                                       v_out.to(opmath_dtype(w.dtype)), s_out, p, sgd)
     scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], p, sgd)
-    for t, value in zip(result, gamma_out):  # nothing without gamma0
-        t.copy_(value)
+    if given is not None:
+        given.copy_(gamma_out[0].double() * gamma_out[1].exp())
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],

@@ -22,10 +22,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .eval_dense import from_log_scaled, to_log_scaled
 from .functional import evaluator_for, group_sgd
 from .graph import DenseChain, PathGraph
-from .reference import opmath_dtype
 from .sgd_params import SgdParams
 
 __all__ = ["ChainStepPlan", "TrunkStepPlan"]
@@ -135,25 +133,34 @@ class TrunkStepPlan(ChainStepPlan):
         named = graph.named_parameters()
         self.leaf_names = [name for name, _, _ in evaluator.leaf_sources]
         self.trunk_params = [named[name] for name in self.leaf_names]
+        self.trunk_shapes = [t.shape for t in self.trunk_params]
+        self._checked_buffers: list = []  # [the parameters' dtypes, *buffers] last found to match
         self.slots += [(layer.module._parameters, kind, t)
                        for (_, layer, kind), t in zip(evaluator.leaf_sources, self.trunk_params)]
         # forward_op / backward_op: the evaluator's passes without their per-node Python
         self.compiled = evaluator.compiled and bool(self.trunk_params)
 
-    def _trunk_args(self, state: Dict[Tensor, Any]) -> Optional[list]:
+    def _trunk_args(self, state: Dict[Tensor, Any]) -> Optional[tuple]:
         """The trunk's (grads, buffers), or None when one does not match its parameter (the
         general path casts a buffer of a cast model, or raises the error that names it): checked
-        before the head's op changes anything."""
+        before the head's op changes anything. Buffers are checked when they or the parameters'
+        dtypes changed since the last check (they are updated in place)."""
         found = _grads_and_buffers(self.trunk_params, state, self.group["momentum"] != 0)
         if found is None:
             return None
+        grads, buffers = found
         device = self.device
-        for t, g in zip(self.trunk_params, found[0]):
-            if g.layout != torch.strided or g.shape != t.shape or g.dtype != t.dtype or g.device != device:
+        dtypes = [t.dtype for t in self.trunk_params]
+        for g, shape, dtype in zip(grads, self.trunk_shapes, dtypes):
+            if g.dtype is not dtype or g.shape != shape or g.is_sparse or g.device != device:
                 return None
-        for t, b in zip(self.trunk_params, found[1]):
-            if b.dtype != t.dtype or b.device != device or b.shape != t.shape or not b.is_contiguous():
-                return None
+        checked = self._checked_buffers
+        if len(checked) != len(buffers) + 1 or checked[0] != dtypes or any(
+                a is not b for a, b in zip(checked[1:], buffers)):
+            for b, shape, dtype in zip(buffers, self.trunk_shapes, dtypes):
+                if b.dtype is not dtype or b.device != device or b.shape != shape or not b.is_contiguous():
+                    return None
+            self._checked_buffers = [dtypes, *buffers]
         return found
 
     def step(self, state: Dict[Tensor, Any]) -> bool:
@@ -165,7 +172,6 @@ class TrunkStepPlan(ChainStepPlan):
         if trunk is None:
             return False
         p, sgd, packed = self.hyper()
-        opmath = opmath_dtype(self.chain_params[0].dtype)
         evaluator = self.evaluator
         if self.compiled:
             device = self.device
@@ -174,10 +180,10 @@ class TrunkStepPlan(ChainStepPlan):
         else:
             acts = evaluator.forward(p)
             x = acts.env[graph.head_input]
-        gamma = list(to_log_scaled(x.reshape(-1), opmath))  # the head's input gamma, then its gamma_out
-        if not self._run_chain(*chain, gamma, p, sgd, packed):
+        gamma = x.reshape(-1).clone()  # the head's input gamma, then (written by the op) its gamma_out
+        if not self._run_chain(*chain, [gamma], p, sgd, packed):
             return False
-        seed = from_log_scaled((gamma[0], gamma[1]), x.device)
+        seed = gamma
         if self.compiled:
             kappas = evaluator.backward_op(values, leaves, seed, p)
         else:

@@ -93,17 +93,15 @@ class Chain:
         self.biases = [draw(sizes[l + 1], scale=0.5) for l in bias_layers]
         self.bias_grads = [draw(*b.shape) for b in self.biases]
         self.bias_buffers = [draw(*b.shape, scale=0.1) for b in self.biases]
-        opmath = reference.opmath_dtype(dtype)
-        g0 = torch.rand(sizes[0], generator=gen, dtype=F64) + 0.05
-        self.gamma0 = (g0 / g0.max() * 1.5).to(opmath) if with_gamma0 else None
-        self.gamma0_log_scale = torch.tensor(0.75, dtype=F64) if with_gamma0 else None
+        g0 = (torch.rand(sizes[0], generator=gen, dtype=F64) + 0.05) * 3.7  # the float64 gamma of a trunk
+        self.gamma0 = g0 if with_gamma0 else None
 
     def args(self, device: str) -> tuple:
         """Fresh copies on ``device`` of everything the op mutates, in the op's argument order."""
         momentum = self.h["momentum"] != 0
         to = lambda ts: [t.clone().to(device) for t in ts]  # noqa: E731
         sgd = self.sgd(device)
-        gamma0 = [] if self.gamma0 is None else to([self.gamma0, self.gamma0_log_scale])
+        gamma0 = [] if self.gamma0 is None else to([self.gamma0])
         return (to(self.weights + self.biases), to(self.grads + self.bias_grads),
                 to(self.buffers + self.bias_buffers) if momentum else [], list(self.bias_layers), gamma0, self.p,
                 sgd.packed(), sgd.lr_tensor)
@@ -123,29 +121,35 @@ def twin(*args):
 
 def split(args) -> tuple:
     """The op's arguments as (weights, weight grads, weight buffers, biases, bias grads, bias buffers,
-    bias_layers, gamma0 or None, its log scale or None, p, *hyper)."""
+    bias_layers, gamma0 or None, p, *hyper)."""
     params, grads, buffers, bias_layers, gamma0, p, *hyper = args
     n = len(params) - len(bias_layers)
-    g0, s0 = gamma0 if gamma0 else (None, None)
-    return (params[:n], grads[:n], buffers[:n], params[n:], grads[n:], buffers[n:], bias_layers, g0, s0, p, *hyper)
+    return (params[:n], grads[:n], buffers[:n], params[n:], grads[n:], buffers[n:], bias_layers,
+            gamma0[0] if gamma0 else None, p, *hyper)
 
 
-def per_layer(ns, host_exp: bool = False):
+def per_layer(ns, host_math: bool = False):
     """The chain's step composed of the per-layer ops of namespace ``ns``, as csrc/dense_chain_step.h,
     called with the op's arguments; writes the gamma_out at the chain input into a given gamma0, as
-    the op does. ``host_exp``: a bias kappa's exp(log scale) by the C library (math.exp), as the
-    CPU op computes it on the host; else by the tensor's device, as the CUDA op does."""
+    the op does. ``host_math``: a log scale's exp and log (of gamma0 and of the bias kappas) by the C
+    library (math.exp, math.log), as the CPU op computes them on the host; else by the tensor's
+    device, as the CUDA op does."""
     def run(*args):
-        weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, gamma0, gamma0_s, \
-            p, *hyper = split(args)
+        weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers, bias_layers, given, p, \
+            *hyper = split(args)
         momentum = hyper[0][1] != 0
         opm = lambda w: reference.opmath_dtype(w.dtype)  # noqa: E731
+        exp = (lambda s: math.exp(s.item())) if host_math else (lambda s: s.exp())  # noqa: E731
         bias_of = dict(zip(bias_layers, biases))
         first, last = weights[0], weights[-1]
-        if gamma0 is None:
-            gamma0 = torch.ones(first.shape[1], dtype=opm(first), device=first.device)
-            gamma0_s = torch.zeros((), dtype=F64, device=first.device)
-        gin = [(gamma0, gamma0_s)]
+        if given is None:
+            gin = [(torch.ones(first.shape[1], dtype=opm(first), device=first.device),
+                    torch.zeros((), dtype=F64, device=first.device))]
+        else:  # pathsgd/eval_dense.py's to_log_scaled
+            scale = given.amax().clamp_min(torch.finfo(F64).tiny)
+            log_scale = torch.tensor(math.log(scale.item()), dtype=F64, device=given.device) if host_math \
+                else scale.log()
+            gin = [((given / scale).to(opm(first)), log_scale)]
         for l, w in enumerate(weights[:-1]):
             gin.append(ns.gamma_forward.default(w, bias_of.get(l), gin[-1][0].to(opm(w)), gin[-1][1], p))
         gout = (torch.ones(last.shape[0], dtype=opm(last), device=last.device), torch.zeros((), dtype=F64,
@@ -153,7 +157,7 @@ def per_layer(ns, host_exp: bool = False):
         kappas = {}
         for l in reversed(range(len(weights))):
             if l in bias_of:
-                kappas[l] = gout[0].to(F64) * (math.exp(gout[1].item()) if host_exp else gout[1].exp())
+                kappas[l] = gout[0].to(F64) * exp(gout[1])
             w = weights[l]
             gout = ns.fused_dense_step_.default(w, weight_grads[l], weight_buffers[l] if momentum else None,
                                                 gin[l][0].to(opm(w)), gin[l][1], gout[0].to(opm(w)), gout[1], p,
@@ -161,13 +165,13 @@ def per_layer(ns, host_exp: bool = False):
         if biases:
             ns.scaled_sgd_update_.default(biases, bias_grads, bias_buffers, [kappas[l] for l in bias_layers], p,
                                           *hyper)
-        for t, value in zip(args[4], gout):
-            t.copy_(value)
+        if given is not None:  # from_log_scaled
+            given.copy_(gout[0].to(F64) * exp(gout[1]))
     return run
 
 
 def _state(args) -> List[Optional[torch.Tensor]]:
-    """What the op writes: the weights and biases, their momentum buffers, the gamma0 pair."""
+    """What the op writes: the weights and biases, their momentum buffers, gamma0."""
     return [*args[0], *args[2], *args[4]]
 
 
@@ -194,12 +198,11 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
     assert ns.dense_chain_step_.default(*got_args) is None
     got = got_args[4]  # a given gamma0 now holds the gamma_out at the chain's input
     if with_gamma0:
-        assert got[0].dtype == reference.opmath_dtype(dtype) and got[0].shape == (case.weights[0].shape[1],)
-        assert got[1].dtype == F64 and got[1].dim() == 0 and got[0].device.type == device
+        assert got[0].dtype == F64 and got[0].shape == (case.weights[0].shape[1],) and got[0].device.type == device
         assert not torch.equal(got[0].cpu(), case.gamma0)
     # 1. the per-layer ops of the same device, composed in Python: the same bits
     layered_args = case.args(device)
-    per_layer(ns, host_exp=name == "cpu")(*layered_args)
+    per_layer(ns, host_math=name == "cpu")(*layered_args)
     for i, (a, b) in enumerate(zip(_state(got_args), _state(layered_args))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops"
     # 2. the pure-PyTorch twin (and the CPU kernels, for CUDA kernels): close
@@ -215,7 +218,6 @@ def test_dense_chain_step_matches_per_layer_ops_and_twin(target, chain, dtype, p
             assert_close(a, b, dtype, f"state {i} vs {other_name}")
         if with_gamma0:
             assert_close(got[0], other[0], reference.opmath_dtype(dtype), f"gamma_out vs {other_name}")
-            assert_close(got[1], other[1].to(F64), reference.opmath_dtype(dtype), f"log scale vs {other_name}")
     # the weights and biases moved (the comparison is not vacuous; a half-precision update can round away)
     moved = [not torch.equal(a.cpu(), b) for a, b in zip(got_args[0], case.weights + case.biases)]
     assert all(moved) if dtype in (torch.float32, F64) else any(moved), moved
@@ -248,14 +250,14 @@ def test_dense_chain_step_strided_tensors_and_mixed_dtypes(target, p):
     for ts in (case.biases, case.bias_grads, case.bias_buffers):
         ts[1] = ts[1].double()  # the bias of layer 1
     plain = case.args(device)
-    per_layer(ns, host_exp=name == "cpu")(*plain)
+    per_layer(ns, host_math=name == "cpu")(*plain)
     strided = case.args(device)
     strided = ([_strided(t) for t in strided[0]], [_strided(g) for g in strided[1]], *strided[2:])
     assert not any(t.is_contiguous() for t in strided[0] if t.numel() > 1)
     ns.dense_chain_step_.default(*strided)
     for i, (a, b) in enumerate(zip(_state(strided), _state(plain))):
         assert same_bits(a, b), f"output {i} differs from the per-layer ops on contiguous tensors"
-    assert strided[4][0].dtype == torch.float32
+    assert strided[4][0].dtype == F64
     assert all(not torch.equal(a.cpu(), b) for a, b in zip(strided[0], case.weights + case.biases))
 
 
@@ -278,7 +280,6 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
     args = case.args(device)
     before = [t.clone() for t in _state(args)]
     params, grads, buffers = args[:3]  # weights 0, 1, 2, then the biases of layers 0 and 2
-    s0 = torch.zeros((), dtype=F64, device=device)
     cases = [
         (dict(params=[params[0], params[2], params[1], *params[3:]]), "outputs"),
         (dict(grads=grads[:4]), "4 grads for 5 params"),
@@ -286,9 +287,9 @@ def test_dense_chain_step_bad_arguments_raise_and_change_nothing(target):
         (dict(bias_layers=[2, 0]), "increasing"),
         (dict(bias_layers=[0, 7]), "increasing"),
         (dict(bias_layers=[1, 2]), "shape"),
-        (dict(gamma0=[torch.ones(13, device=device)]), "gamma0 must be empty or"),
-        (dict(gamma0=[torch.ones(12, device=device), s0]), r"gamma0\[0\]"),
-        (dict(gamma0=[torch.ones(13, device=device), s0.reshape(1)]), r"gamma0\[1\]"),
+        (dict(gamma0=[torch.ones(13, dtype=F64, device=device)] * 2), "gamma0 must be empty or one float64 vector"),
+        (dict(gamma0=[torch.ones(12, dtype=F64, device=device)]), r"gamma0 must be a \[13\] float64 tensor"),
+        (dict(gamma0=[torch.ones(13, device=device)]), r"gamma0 must be a \[13\] float64 tensor"),
         (dict(params=[], bias_layers=[]), "at least one layer"),
         (dict(params=params[3:], grads=grads[3:], momentum_buffers=buffers[3:]), "at least one layer"),
         # a bad tensor of the FIRST layer: found before the layers behind it (updated first) change

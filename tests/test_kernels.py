@@ -1674,6 +1674,56 @@ def test_abs_pow_ops_convolutions_match_aten(case, bias):
             torch.testing.assert_close(kv, want_v, rtol=1e-13, atol=0)
 
 
+# (nd, input shape without batch, kernel, stride, padding, ceil_mode): pools of the model as sum pools
+DIRECT_SUM_POOLS = [
+    (1, (32, 40), (2,), (2,), (0,), False),           # the MNIST-1D CNN's max pool
+    (1, (3, 7), (3,), (2,), (1,), True),              # ceil mode, padded: a last window half outside
+    (1, (2, 8), (3,), (3,), (1,), True),              # ceil mode whose extra window would start in the padding
+    (1, (4, 5), (5,), (1,), (2,), False),             # the window as long as the input
+    (2, (3, 6, 7), (2, 2), (2, 2), (0, 0), False),    # odd width: the last column is dropped
+    (2, (2, 5, 6), (3, 2), (2, 1), (1, 1), True),     # padded, ceil mode, different strides
+    (2, (1, 4, 4), (4, 4), (1, 1), (2, 2), False),    # windows mostly in the padding
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_SUM_POOLS, ids=lambda c: f"{c[0]}d-{'x'.join(map(str, c[1]))}")
+def test_abs_pow_ops_sum_pools_match_aten(case):
+    """The ops' sum-pool rule (on CPU tensors: the direct loops of csrc/direct_conv.h) on odd geometries
+    (ceil mode, padding, windows longer than the stride or the input) against ATen's avg_pool2d with
+    divisor 1 and its backward: the same additions in the same order, so the same bits; a
+    non-contiguous output gradient."""
+    nd, shape, kernel, stride, padding, ceil_mode = case
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand((1,) + shape, generator=gen, dtype=F64) + 0.5
+    lifted = [(1,) + kernel, (1,) + stride, (0,) + padding] if nd == 1 else [kernel, stride, padding]
+    x2 = x.unsqueeze(-2) if nd == 1 else x
+    want = torch.ops.aten.avg_pool2d(x2, *lifted, ceil_mode, True, 1)
+    want = want.squeeze(-2) if nd == 1 else want
+    program = [reference.VJP_SUMPOOL, -1, nd, *[v for a in lifted for v in a], int(ceil_mode)]
+    got = torch.ops.pathsgd.abs_pow_forward.default(x, [], program, [])
+    assert len(got) == 1 and torch.equal(got[0], want), (got[0], want)
+    gy = torch.rand(want.shape[::-1], generator=gen, dtype=F64).permute(*reversed(range(want.dim())))
+    assert not gy.is_contiguous() or gy.numel() == 1
+    gy2 = gy.unsqueeze(-2) if nd == 1 else gy
+    want_gx = torch.ops.aten.avg_pool2d_backward(gy2, x2, *lifted, ceil_mode, True, 1)
+    want_gx = want_gx.squeeze(-2) if nd == 1 else want_gx
+    # x's gradient, seen through the weight gradient of a layer before x (as in the convolution test):
+    # x = conv(u, v) with a random u of twice x's size and a kernel v as large as x
+    vjp = [reference.VJP_SUMPOOL, 0, 1, nd, *[v for a in lifted for v in a], int(ceil_mode)]
+    spatial = shape[1:]
+    u = torch.rand((1, 1) + tuple(2 * n - 1 for n in spatial), generator=gen, dtype=F64)
+    v = torch.rand((shape[0], 1) + spatial, generator=gen, dtype=F64)
+    ones, zeros = [1] * nd, [0] * nd
+    x_of_u = torch.ops.aten.convolution(u, v, None, ones, zeros, ones, False, zeros, 1)
+    assert x_of_u.shape == x.shape
+    chain = vjp + [reference.VJP_CONV, 1, 2, 0, -1, 0, nd, *ones, *zeros, *ones, 1]
+    kw = torch.ops.pathsgd.abs_pow_vjp.default([want, x_of_u, u], [v], [gy], [0], chain, [])[0]
+    _, want_w, _ = torch.ops.aten.convolution_backward(want_gx, u, v, None, ones, zeros, ones, False, zeros, 1,
+                                                       [False, True, False])
+    torch.testing.assert_close(kw, want_w, rtol=1e-13, atol=0)
+    assert bool((kw > 0).all())
+
+
 @pytest.mark.parametrize("target", on(ABS_POW_TARGETS))
 def test_abs_pow_forward_bad_programs_raise(target):
     _, evaluator, leaves = _forward_case(_VjpNet1d, (2, 7), 2.0, seed=0)

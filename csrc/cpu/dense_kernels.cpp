@@ -504,8 +504,7 @@ struct HostChain {
   using Gamma = HostGamma;
 
   at::TensorList weights, weight_grads, weight_buffers, biases, bias_grads, bias_buffers;
-  const std::optional<at::Tensor>& gamma0;
-  const std::optional<at::Tensor>& gamma0_log_scale;
+  const std::optional<at::Tensor>& gamma0;  // float64 values (see csrc/dense_chain_step.h)
   double p;
   SgdArgs a;
   double lr;
@@ -516,12 +515,19 @@ struct HostChain {
 
   Gamma input_gamma() {
     if (!gamma0.has_value()) return HostGamma(opmath_of(0), weights[0].size(1), 1.0);
-    const at::Tensor g0 = gamma0->contiguous();  // checked: the opmath dtype of layer 0
-    HostGamma g(opmath_of(0), g0.numel(), 0.0);
-    AT_DISPATCH_FLOATING_TYPES(g0.scalar_type(), "dense_chain_step_cpu", [&] {
-      std::copy_n(g0.const_data_ptr<scalar_t>(), g0.numel(), g.data<scalar_t>());
+    const at::Tensor g0 = gamma0->contiguous();
+    const double* x = g0.const_data_ptr<double>();
+    const int64_t n = g0.numel();
+    // amax (NaN propagates), then clamp_min(tiny): an all-zero vector stays zero.
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i) top = std::isnan(x[i]) || std::isnan(top) ? NAN : std::max(top, x[i]);
+    const double scale = std::isnan(top) ? top : std::max(top, std::numeric_limits<double>::min());
+    HostGamma g(opmath_of(0), n, 0.0);
+    AT_DISPATCH_FLOATING_TYPES(g.type, "dense_chain_step_cpu", [&] {
+      scalar_t* v = g.data<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) v[i] = static_cast<scalar_t>(x[i] / scale);
     });
-    g.log_scale = gamma0_log_scale->item<double>();
+    g.log_scale = std::log(scale);
     return g;
   }
   Gamma output_gamma() {
@@ -573,15 +579,14 @@ struct HostChain {
       if (!b[k].is_same(biases[k])) biases[k].copy_(b[k]);
     }
   }
-  // The gamma_out at the chain's input into the caller's gamma0 (layer 0's opmath dtype, as gout).
+  // The gamma_out at the chain's input into the caller's gamma0, as float64 values.
   void finish(Gamma& gout) {
     if (!gamma0.has_value()) return;
     at::Tensor out = gamma0->contiguous();
-    AT_DISPATCH_FLOATING_TYPES(gout.type, "dense_chain_step_cpu", [&] {
-      std::copy_n(gout.data<scalar_t>(), gout.size(), out.mutable_data_ptr<scalar_t>());
-    });
+    double* y = out.mutable_data_ptr<double>();
+    const double scale = std::exp(gout.log_scale);
+    for (int64_t i = 0; i < gout.size(); ++i) y[i] = gout.at(i) * scale;
     if (!out.is_same(*gamma0)) gamma0->copy_(out);
-    gamma0_log_scale->fill_(gout.log_scale);
   }
 };
 
@@ -593,8 +598,7 @@ void dense_chain_step_cpu(
   const checks::ChainArgs c =
       checks::dense_chain_step_args(params, grads, momentum_buffers, bias_layers, gamma0, p, a.momentum, workspace);
   const int64_t n = static_cast<int64_t>(c.weights.size());
-  HostChain chain{c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0,
-                  c.gamma0_log_scale, p, a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
+  HostChain chain{c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p, a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
   chain.w.resize(n);
   chain.bias_of.resize(n);
   for (int64_t l = 0; l < n; ++l) chain.w[l] = c.weights[l].contiguous();  // a copy only when strided (written back)

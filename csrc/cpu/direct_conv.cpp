@@ -1,4 +1,5 @@
-// Direct loops for the abs-pow network's batch-1 float64 convolutions (see csrc/direct_conv.h).
+// Direct loops for the abs-pow network's batch-1 float64 convolutions and sum pools (see
+// csrc/direct_conv.h).
 // A 1-D convolution is a 2-D one of height 1. Each loop keeps a block of up to kR vectors of
 // channels in registers and multiplies it by broadcast scalars: the output channels for the forward
 // pass and the weight gradient, the input channels for the input gradient (channels-last scratch,
@@ -272,6 +273,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_conv_backward(
     transpose(gxt.data(), H * W, g.C, gx.mutable_data_ptr<double>());
   }
   return {gx, gw, gb};
+}
+
+namespace {
+
+// A sum pool's geometry on (C, H, W) (H = 1 for a 1-D pool): torch's pooling output sizes
+// (pooling_output_shape: a ceil_mode window must start inside the input or the left padding).
+struct PoolGeometry {
+  int64_t C, H, W, OH, OW, kh, kw, sh, sw, ph, pw;
+  static int64_t out(int64_t n, int64_t k, int64_t s, int64_t p, bool ceil_mode) {
+    int64_t o = (n + 2 * p - k + (ceil_mode ? s - 1 : 0)) / s + 1;
+    if (ceil_mode && (o - 1) * s >= n + p) --o;
+    return o;
+  }
+  PoolGeometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+               bool ceil_mode)
+      : C(x.size(1)), H(x.dim() == 3 ? 1 : x.size(2)), W(x.size(-1)), OH(0), OW(0), kh(kernel[0]), kw(kernel[1]),
+        sh(stride[0]), sw(stride[1]), ph(padding[0]), pw(padding[1]) {
+    OH = out(H, kh, sh, ph, ceil_mode);
+    OW = out(W, kw, sw, pw, ceil_mode);
+  }
+  // The input rows / columns [first, end) of output row oh / column ow's window.
+  std::pair<int64_t, int64_t> rows(int64_t oh) const {
+    const int64_t h0 = oh * sh - ph;
+    return {std::max<int64_t>(h0, 0), std::min(h0 + kh, H)};
+  }
+  std::pair<int64_t, int64_t> cols(int64_t ow) const {
+    const int64_t w0 = ow * sw - pw;
+    return {std::max<int64_t>(w0, 0), std::min(w0 + kw, W)};
+  }
+  std::vector<int64_t> out_sizes(bool one_d) const {
+    return one_d ? std::vector<int64_t>{1, C, OW} : std::vector<int64_t>{1, C, OH, OW};
+  }
+};
+
+}  // namespace
+
+bool direct_sum_pool_applies(const at::Tensor& x, int64_t nd) {
+  return (nd == 1 || nd == 2) && x.dim() == nd + 2 && x.size(0) == 1 && x.device().is_cpu() &&
+         x.scalar_type() == at::kDouble && x.is_contiguous() && !x.requires_grad();
+}
+
+at::Tensor direct_sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kernel, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool ceil_mode) {
+  const PoolGeometry g(x, kernel, stride, padding, ceil_mode);
+  at::Tensor y = at::empty(g.out_sizes(nd == 1), x.options());
+  const double* X = x.const_data_ptr<double>();
+  double* Y = y.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double* xc = X + c * g.H * g.W;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const auto [h0, h1] = g.rows(oh);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const auto [w0, w1] = g.cols(ow);
+        double sum = 0.0;
+        for (int64_t ih = h0; ih < h1; ++ih)
+          for (int64_t iw = w0; iw < w1; ++iw) sum += xc[ih * g.W + iw];
+        *Y++ = sum;
+      }
+    }
+  }
+  return y;
+}
+
+at::Tensor direct_sum_pool_backward(const at::Tensor& gy_in, const at::Tensor& x, int64_t nd, at::IntArrayRef kernel,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode) {
+  const PoolGeometry g(x, kernel, stride, padding, ceil_mode);
+  const at::Tensor gy = gy_in.contiguous();
+  TORCH_CHECK(gy.numel() == g.C * g.OH * g.OW, "pathsgd.abs_pow_vjp: a pool's output gradient has ", gy.numel(),
+              " elements, its output ", g.C * g.OH * g.OW);
+  at::Tensor gx = at::zeros_like(x);
+  const double* GY = gy.const_data_ptr<double>();
+  double* GX = gx.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < g.C; ++c) {
+    double* gc = GX + c * g.H * g.W;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const auto [h0, h1] = g.rows(oh);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        const auto [w0, w1] = g.cols(ow);
+        const double v = *GY++;
+        for (int64_t ih = h0; ih < h1; ++ih)
+          for (int64_t iw = w0; iw < w1; ++iw) gc[ih * g.W + iw] += v;
+      }
+    }
+  }
+  return gx;
 }
 
 }  // namespace pathsgd
