@@ -142,7 +142,7 @@ std::vector<at::Tensor> abs_pow_vjp(at::TensorList values, at::TensorList leaves
         const at::Tensor& x = values[src];
         at::Tensor gx;
         if (direct_sum_pool_applies(x, nd)) {
-          gx = direct_sum_pool_backward(gy, x, nd, kernel, stride, padding, ceil_mode);
+          gx = direct_sum_pool_backward(gy, x, kernel, stride, padding, ceil_mode);
         } else if (nd == 1) {
           gx = at::avg_pool2d_backward(gy.unsqueeze(-2), x.unsqueeze(-2), kernel, stride, padding, ceil_mode,
                                        /*count_include_pad=*/true, /*divisor_override=*/1)

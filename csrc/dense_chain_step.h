@@ -33,7 +33,7 @@ namespace pathsgd {
 //   void finish(Gamma& gout)                the gamma_out at the chain's input, into gamma0 when given
 // A given gamma0 is the chain's input gamma as float64 values (what the conv trunk in front of the
 // chain computes): it enters as (values / s, log s) with s = max(max(gamma0), tiny) and leaves as
-// values * exp(log scale), the formulas of pathsgd/eval_dense.py's to_log_scaled / from_log_scaled.
+// values * exp(log scale), the formulas of to_log_scaled / from_log_scaled in pathsgd/reference.py.
 template <typename Chain>
 void dense_chain_walk(Chain& chain, int64_t layers, at::IntArrayRef bias_layers) {
   // 1. gamma forward: gamma_in of every layer (the chain's output gamma is not needed).
@@ -139,18 +139,17 @@ struct TensorChain {
 
 template <typename GammaForward, typename FusedStep, typename ScaledUpdate>
 void dense_chain_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                                         at::IntArrayRef bias_layers, at::TensorList gamma0, double p,
-                                         at::ArrayRef<double> sgd, const std::optional<at::Tensor>& lr_tensor,
-                                         const std::optional<at::Tensor>& workspace, GammaForward&& gamma_forward,
-                                         FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
+                      at::IntArrayRef bias_layers, at::TensorList gamma0, double p, at::ArrayRef<double> sgd,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace,
+                      GammaForward&& gamma_forward, FusedStep&& fused_step, ScaledUpdate&& scaled_update) {
   const SgdArgs a = checks::sgd_args(sgd, "dense_chain_step_");
   const checks::ChainArgs c =
       checks::dense_chain_step_args(params, grads, momentum_buffers, bias_layers, gamma0, p, a.momentum, workspace);
   const int64_t n = static_cast<int64_t>(c.weights.size());
   Workspace scratch(workspace);
   TensorChain<GammaForward, FusedStep, ScaledUpdate> chain{
-      c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p, sgd, lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {},
-      {}};
+      c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p, sgd,
+      lr_tensor, gamma_forward, fused_step, scaled_update, scratch, a.momentum != 0.0, {}, {}};
   chain.bias_of.resize(n);
   for (size_t k = 0; k < c.biases.size(); ++k) chain.bias_of[bias_layers[k]] = c.biases[k];
   chain.bias_kappas.resize(c.biases.size());

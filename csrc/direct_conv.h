@@ -1,7 +1,7 @@
 // Direct CPU loops for the convolutions and sum pools of the abs-pow network
-// (csrc/abs_pow_programs.cpp): batch 1, float64, 1-D or 2-D. Such a convolution is ~10^5 multiply-adds, which ATen's convolution (and its
-// backward) wraps in 20-70 us of dispatch, im2col buffers and thread hand-offs per call; these loops
-// run it on the calling thread. Fixed loop order: deterministic.
+// (csrc/abs_pow_programs.cpp): batch 1, float64, 1-D or 2-D. Such a convolution is ~10^5
+// multiply-adds, which ATen's convolution (and its backward) wraps in 20-70 us of dispatch, im2col
+// buffers and thread hand-offs per call; these loops run it on the calling thread. Fixed loop order: deterministic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,7 +35,7 @@ bool direct_sum_pool_applies(const at::Tensor& x, int64_t nd);
 // backward (at::avg_pool2d_backward's): the same additions in the same order.
 at::Tensor direct_sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kernel, at::IntArrayRef stride,
                            at::IntArrayRef padding, bool ceil_mode);
-at::Tensor direct_sum_pool_backward(const at::Tensor& gy, const at::Tensor& x, int64_t nd, at::IntArrayRef kernel,
+at::Tensor direct_sum_pool_backward(const at::Tensor& gy, const at::Tensor& x, at::IntArrayRef kernel,
                                     at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode);
 
 }  // namespace pathsgd

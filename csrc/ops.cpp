@@ -45,9 +45,9 @@ TORCH_LIBRARY(pathsgd, m) {
   // same order; no buffers without momentum). gamma0: empty when the chain starts at the model
   // input; when the chain is the head of a larger model, its input gamma (a float64 vector), which
   // the op replaces with the gamma_out at the chain's input (float64), from the old weights: what
-  // the model before the head needs. workspace: a byte tensor the caller keeps across steps for the op's
-  // small tensors (csrc/workspace.h; CUDA). Few arguments and no outputs: from Python each one costs a
-  // conversion every step, which is most of a small model's step.
+  // the model before the head needs. workspace: a byte tensor the caller keeps across steps for the
+  // op's small tensors (csrc/workspace.h; CUDA). Few arguments and no outputs: from Python each one
+  // costs a conversion every step, which is most of a small model's step.
   m.def(
       "dense_chain_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] bias_layers, "
       "Tensor(c!)[] gamma0, float p, float[] sgd, Tensor? lr_tensor, Tensor(d!)? workspace=None) -> ()");

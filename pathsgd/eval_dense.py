@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import ops, reference
 from .graph import DenseChain
+from .reference import from_log_scaled
 from .sgd_params import READ_ONLY
 
 LogScaled = Tuple[Tensor, Tensor]  # (gamma normalized to max in [1, 2], float64 log scale)
@@ -30,19 +31,6 @@ Batches = Dict[Tuple[int, bool, torch.device], List[Tuple[Any, Tensor]]]
 def unit_gamma(n: int, dtype: torch.dtype, device: torch.device) -> LogScaled:
     """Gamma of input units or output units: all ones, log scale 0."""
     return torch.ones(n, dtype=dtype, device=device), torch.zeros((), dtype=torch.float64, device=device)
-
-
-def to_log_scaled(gamma: Tensor, dtype: torch.dtype) -> LogScaled:
-    """A non-negative float64 gamma vector as a (normalized ``dtype`` vector, float64 log scale)
-    pair; an all-zero vector stays zero (the clamp only avoids 0/0)."""
-    scale = gamma.amax().clamp_min(torch.finfo(torch.float64).tiny)
-    return (gamma / scale).to(dtype), scale.log()
-
-
-def from_log_scaled(gamma: LogScaled, device: torch.device) -> Tensor:
-    """The float64 values of a log-scaled gamma vector."""
-    v, s = gamma
-    return v.to(device, torch.float64, copy=True).mul_(s.to(device).exp())
 
 
 def on(gamma: LogScaled, weight: Tensor) -> LogScaled:

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from .eval_dense import LogScaled, gamma_out_pass, to_log_scaled
+from .eval_dense import LogScaled, gamma_out_pass
 from .graph import ADD, ALIAS, INPUT, LAYER, RESHAPE, RULES, SCALE, SUMPOOL, PathGraph, PathNode, forward_values
-from .reference import const_pow
+from .reference import const_pow, to_log_scaled
 from .reference import VJP_ADD, VJP_ALIAS, VJP_CONV, VJP_LINEAR, VJP_LOCAL, VJP_RESHAPE, VJP_SCALE, VJP_SUMPOOL
 
 

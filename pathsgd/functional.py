@@ -20,10 +20,10 @@ from torch import Tensor
 
 from . import ops
 from .eval_autograd import AutogradEvaluator
-from .eval_dense import Batches, dense_step, from_log_scaled, on, to_log_scaled
+from .eval_dense import Batches, dense_step, on
 from .eval_tape import Kappas, TapeEvaluator
 from .graph import DenseChain, PathGraph
-from .reference import opmath_dtype
+from .reference import from_log_scaled, opmath_dtype, to_log_scaled
 from .sgd_params import SgdParams
 
 Evaluator = Union[TapeEvaluator, AutogradEvaluator]

@@ -66,6 +66,19 @@ def abs_pow_list_(ws: List[Tensor], p: float) -> None:
         torch._foreach_pow_(ws, p)
 
 
+def to_log_scaled(gamma: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A non-negative float64 gamma vector as a (normalized ``dtype`` vector, float64 log scale)
+    pair; an all-zero vector stays zero (the clamp only avoids 0/0)."""
+    scale = gamma.amax().clamp_min(torch.finfo(torch.float64).tiny)
+    return (gamma / scale).to(dtype), scale.log()
+
+
+def from_log_scaled(gamma: Tuple[Tensor, Tensor], device: torch.device) -> Tensor:
+    """The float64 values of a log-scaled gamma vector."""
+    v, s = gamma
+    return v.to(device, torch.float64, copy=True).mul_(s.to(device).exp())
+
+
 def normalize_log_scaled(y: Tensor, log_scale: Tensor, addend: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Rescale ``y * exp(log_scale) + addend`` to ``(v, t)`` with ``max(v)`` in [1, 2] (addend float64).
 
@@ -176,10 +189,7 @@ def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffer
     weight_grads, bias_grads = grads[:layers], grads[layers:]
     weight_buffers, bias_buffers = momentum_buffers[:layers], momentum_buffers[layers:]
     given = gamma0[0] if gamma0 else None
-    gamma0 = gamma0_log_scale = None
-    if given is not None:
-        scale = given.amax().clamp_min(torch.finfo(torch.float64).tiny)
-        gamma0, gamma0_log_scale = (given / scale).to(opmath_dtype(params[0].dtype)), scale.log()
+    gamma0, gamma0_log_scale = (None, None) if given is None else to_log_scaled(given, opmath_dtype(params[0].dtype))
     bias_of = dict(zip(bias_layers, biases))
     first, last = weights[0], weights[-1]
     if gamma0 is None:
@@ -202,7 +212,7 @@ def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffer
                                       v_out.to(opmath_dtype(w.dtype)), s_out, p, sgd)
     scaled_sgd_update_(biases, bias_grads, bias_buffers, [kappas[i] for i in bias_layers], p, sgd)
     if given is not None:
-        given.copy_(gamma_out[0].double() * gamma_out[1].exp())
+        given.copy_(from_log_scaled(gamma_out, given.device))
 
 
 def scaled_sgd_update_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],

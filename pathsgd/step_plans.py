@@ -134,7 +134,7 @@ class TrunkStepPlan(ChainStepPlan):
         self.leaf_names = [name for name, _, _ in evaluator.leaf_sources]
         self.trunk_params = [named[name] for name in self.leaf_names]
         self.trunk_shapes = [t.shape for t in self.trunk_params]
-        self._checked_buffers: list = []  # [the parameters' dtypes, *buffers] last found to match
+        self._checked_buffers: tuple = ([], [])  # (the parameters' dtypes, the buffers) last found to match
         self.slots += [(layer.module._parameters, kind, t)
                        for (_, layer, kind), t in zip(evaluator.leaf_sources, self.trunk_params)]
         # forward_op / backward_op: the evaluator's passes without their per-node Python
@@ -154,13 +154,13 @@ class TrunkStepPlan(ChainStepPlan):
         for g, shape, dtype in zip(grads, self.trunk_shapes, dtypes):
             if g.dtype is not dtype or g.shape != shape or g.is_sparse or g.device != device:
                 return None
-        checked = self._checked_buffers
-        if len(checked) != len(buffers) + 1 or checked[0] != dtypes or any(
-                a is not b for a, b in zip(checked[1:], buffers)):
+        checked_dtypes, checked = self._checked_buffers
+        if (checked_dtypes != dtypes or len(checked) != len(buffers)
+                or any(a is not b for a, b in zip(checked, buffers))):
             for b, shape, dtype in zip(buffers, self.trunk_shapes, dtypes):
                 if b.dtype is not dtype or b.device != device or b.shape != shape or not b.is_contiguous():
                     return None
-            self._checked_buffers = [dtypes, *buffers]
+            self._checked_buffers = (dtypes, buffers)
         return found
 
     def step(self, state: Dict[Tensor, Any]) -> bool:

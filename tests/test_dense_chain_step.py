@@ -145,7 +145,7 @@ def per_layer(ns, host_math: bool = False):
         if given is None:
             gin = [(torch.ones(first.shape[1], dtype=opm(first), device=first.device),
                     torch.zeros((), dtype=F64, device=first.device))]
-        else:  # pathsgd/eval_dense.py's to_log_scaled
+        else:  # reference.to_log_scaled (its log by the C library on the host)
             scale = given.amax().clamp_min(torch.finfo(F64).tiny)
             log_scale = torch.tensor(math.log(scale.item()), dtype=F64, device=given.device) if host_math \
                 else scale.log()

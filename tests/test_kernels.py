@@ -1608,6 +1608,25 @@ def test_abs_pow_forward_rules_all_covered():
                     reference.VJP_SCALE, reference.VJP_SUMPOOL}, used
 
 
+def _assert_input_grad(vjp, out, leaves, gy, x, want_gx, gen):
+    """The gradient of x that the VJP program ``vjp`` (slot 0: its output ``out``, slot 1: its input x,
+    seed ``gy``) gives, checked against ``want_gx`` through the weight gradient of a layer before x:
+    x = conv(u, v) with a random u of twice x's size and a kernel v as large as x, so v's gradient is
+    the correlation of x's gradient with u (all of it, not only its channel sums). Returns v's gradient."""
+    nd, spatial = x.dim() - 2, x.shape[2:]
+    u = torch.rand((1, 1) + tuple(2 * n - 1 for n in spatial), generator=gen, dtype=F64)
+    v = torch.rand((x.shape[1], 1) + tuple(spatial), generator=gen, dtype=F64)
+    ones, zeros = [1] * nd, [0] * nd
+    x_of_u = torch.ops.aten.convolution(u, v, None, ones, zeros, ones, False, zeros, 1)
+    assert x_of_u.shape == x.shape
+    chain = vjp + [reference.VJP_CONV, 1, 2, len(leaves), -1, 0, nd, *ones, *zeros, *ones, 1]
+    kv = torch.ops.pathsgd.abs_pow_vjp.default([out, x_of_u, u], leaves + [v], [gy], [0], chain, [])[-1]
+    _, want_v, _ = torch.ops.aten.convolution_backward(want_gx, u, v, None, ones, zeros, ones, False, zeros, 1,
+                                                       [False, True, False])
+    torch.testing.assert_close(kv, want_v, rtol=1e-13, atol=0)
+    return kv
+
+
 # (nd, input shape without batch, out channels, kernel, stride, padding, dilation, groups)
 DIRECT_CONVS = [
     (1, (1, 40), 32, (5,), (1,), (2,), (1,), 1),      # the MNIST-1D CNN's first layer
@@ -1658,20 +1677,7 @@ def test_abs_pow_ops_convolutions_match_aten(case, bias):
         again = torch.ops.pathsgd.abs_pow_vjp.default([want, x], leaves, [gy], [0], vjp, [])
         assert all(torch.equal(a, c) for a, c in zip(kappas, again))
         if need_x:
-            # x's gradient, seen through the weight gradient of a layer before x: x = conv(u, v) with a
-            # random u of twice x's size and a kernel v as large as x, so v's gradient is the
-            # correlation of x's gradient with u (all of it, not only its channel sums)
-            spatial = shape[1:]
-            u = torch.rand((1, 1) + tuple(2 * n - 1 for n in spatial), generator=gen, dtype=F64)
-            v = torch.rand((shape[0], 1) + spatial, generator=gen, dtype=F64)
-            ones, zeros = [1] * nd, [0] * nd
-            x_of_u = torch.ops.aten.convolution(u, v, None, ones, zeros, ones, False, zeros, 1)
-            assert x_of_u.shape == x.shape
-            chain = vjp + [reference.VJP_CONV, 1, 2, len(leaves), -1, 0, nd, *ones, *zeros, *ones, 1]
-            kv = torch.ops.pathsgd.abs_pow_vjp.default([want, x_of_u, u], leaves + [v], [gy], [0], chain, [])[-1]
-            _, want_v, _ = torch.ops.aten.convolution_backward(gx, u, v, None, ones, zeros, ones, False, zeros, 1,
-                                                               [False, True, False])
-            torch.testing.assert_close(kv, want_v, rtol=1e-13, atol=0)
+            _assert_input_grad(vjp, want, leaves, gy, x, gx, gen)
 
 
 # (nd, input shape without batch, kernel, stride, padding, ceil_mode): pools of the model as sum pools
@@ -1707,21 +1713,8 @@ def test_abs_pow_ops_sum_pools_match_aten(case):
     gy2 = gy.unsqueeze(-2) if nd == 1 else gy
     want_gx = torch.ops.aten.avg_pool2d_backward(gy2, x2, *lifted, ceil_mode, True, 1)
     want_gx = want_gx.squeeze(-2) if nd == 1 else want_gx
-    # x's gradient, seen through the weight gradient of a layer before x (as in the convolution test):
-    # x = conv(u, v) with a random u of twice x's size and a kernel v as large as x
     vjp = [reference.VJP_SUMPOOL, 0, 1, nd, *[v for a in lifted for v in a], int(ceil_mode)]
-    spatial = shape[1:]
-    u = torch.rand((1, 1) + tuple(2 * n - 1 for n in spatial), generator=gen, dtype=F64)
-    v = torch.rand((shape[0], 1) + spatial, generator=gen, dtype=F64)
-    ones, zeros = [1] * nd, [0] * nd
-    x_of_u = torch.ops.aten.convolution(u, v, None, ones, zeros, ones, False, zeros, 1)
-    assert x_of_u.shape == x.shape
-    chain = vjp + [reference.VJP_CONV, 1, 2, 0, -1, 0, nd, *ones, *zeros, *ones, 1]
-    kw = torch.ops.pathsgd.abs_pow_vjp.default([want, x_of_u, u], [v], [gy], [0], chain, [])[0]
-    _, want_w, _ = torch.ops.aten.convolution_backward(want_gx, u, v, None, ones, zeros, ones, False, zeros, 1,
-                                                       [False, True, False])
-    torch.testing.assert_close(kw, want_w, rtol=1e-13, atol=0)
-    assert bool((kw > 0).all())
+    assert bool((_assert_input_grad(vjp, want, [], gy, x, want_gx, gen) > 0).all())
 
 
 @pytest.mark.parametrize("target", on(ABS_POW_TARGETS))

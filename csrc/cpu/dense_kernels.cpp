@@ -270,7 +270,7 @@ void dense_block(int64_t i0, int64_t i1, int64_t cols, scalar_t* W, const scalar
   const opmath_t inv_eps_s = opmath_t(1) / h.eps;  // inf when eps == 0, like g / 0
   const bool sums = y != nullptr;
   std::vector<opmath_t> scratch;
-  if (!sums && !(std::is_same_v<scalar_t, opmath_t> && !(kUpdate && kappa->exact))) {
+  if (!sums && !(std::is_same_v<scalar_t, opmath_t> && !exact)) {
     scratch.resize(cols);  // the element-wise path below always accumulates
     y = scratch.data();
   }
@@ -598,7 +598,8 @@ void dense_chain_step_cpu(
   const checks::ChainArgs c =
       checks::dense_chain_step_args(params, grads, momentum_buffers, bias_layers, gamma0, p, a.momentum, workspace);
   const int64_t n = static_cast<int64_t>(c.weights.size());
-  HostChain chain{c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p, a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
+  HostChain chain{c.weights, c.weight_grads, c.weight_buffers, c.biases, c.bias_grads, c.bias_buffers, c.gamma0, p,
+                  a, lr_tensor.has_value() ? lr_tensor->item<double>() : a.lr, {}, {}, {}, {}};
   chain.w.resize(n);
   chain.bias_of.resize(n);
   for (int64_t l = 0; l < n; ++l) chain.w[l] = c.weights[l].contiguous();  // a copy only when strided (written back)

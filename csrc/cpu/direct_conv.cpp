@@ -336,7 +336,7 @@ at::Tensor direct_sum_pool(const at::Tensor& x, int64_t nd, at::IntArrayRef kern
   return y;
 }
 
-at::Tensor direct_sum_pool_backward(const at::Tensor& gy_in, const at::Tensor& x, int64_t nd, at::IntArrayRef kernel,
+at::Tensor direct_sum_pool_backward(const at::Tensor& gy_in, const at::Tensor& x, at::IntArrayRef kernel,
                                     at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode) {
   const PoolGeometry g(x, kernel, stride, padding, ceil_mode);
   const at::Tensor gy = gy_in.contiguous();
