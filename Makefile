@@ -49,8 +49,8 @@ $(CUDA_EMU_LIB): $(BUILD_STAMP) $(shell find csrc -type f)
 cuda-emu: $(CUDA_EMU_LIB)
 
 test-cuda-emu: build $(CUDA_EMU_LIB)
-	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_kernels.py tests/test_dense_chain_step.py \
-		-k "cuda or test_dense_chain_step.py"
+	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) $(PY) -m pytest -q tests/test_kernels.py tests/test_dense_chain_step.py tests/test_trunk_chain_step.py \
+		-k "cuda or test_dense_chain_step.py or test_trunk_chain_step.py"
 	PATHSGD_CUDA_EMU=$(abspath $(CUDA_EMU_LIB)) PATHSGD_BACKEND=cuda-emu $(PY) -m pytest -q \
 		tests/test_cuda_emu_backend.py tests/test_optimizer.py tests/test_general_graphs.py tests/test_kappa_schedule.py \
 		tests/test_step_plan.py -k "$(CUDA_EMU_STEP_TESTS)"

@@ -51,6 +51,14 @@ TORCH_LIBRARY(pathsgd, m) {
   m.def(
       "dense_chain_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] bias_layers, "
       "Tensor(c!)[] gamma0, float p, float[] sgd, Tensor? lr_tensor, Tensor(d!)? workspace=None) -> ()");
+  // The step of a conv net in one call (csrc/trunk_chain_step.h): the trunk's abs-pow forward
+  // program, the head's dense_chain_step_, the trunk's VJP program seeded with the head's
+  // gamma_out, the trunk's scaled_sgd_update_. params: the trunk's parameters (leaf order), then the
+  // head's (as dense_chain_step_); grads and momentum_buffers in the same order; layout: the
+  // programs and how they connect (reference.trunk_layout); factors: the programs' scale factors.
+  m.def(
+      "trunk_chain_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] layout, "
+      "float[] factors, float p, float[] sgd, Tensor? lr_tensor, Tensor(d!)? workspace=None) -> ()");
   // Multi-tensor Path-SGD update with materialized float64 kappa (conv weights, biases).
   m.def(
       "scaled_sgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

@@ -36,7 +36,7 @@ def _forward(graph: PathGraph, p: float, leaves, stop: Optional[int]):
 class AutogradEvaluator:
     """``forward(p)`` / ``backward(acts, seed)`` as :class:`pathsgd.eval_tape.TapeEvaluator`, by autograd."""
 
-    compiled = False  # no forward_op / backward_op: the step plan runs forward / backward
+    compiled = False  # no compiled programs: the step plan runs forward / backward
 
     def __init__(self, graph: PathGraph, stop: Optional[int], dense: FrozenSet[str] = frozenset()) -> None:
         self.graph, self.stop = graph, stop

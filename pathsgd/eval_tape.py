@@ -202,12 +202,10 @@ class TapeEvaluator:
     def _device(self) -> torch.device:
         return next(iter(self.graph.layers.values())).weight.device
 
-    def abs_pow_leaves(self, p: float, device: torch.device, sources: Optional[List[Tensor]] = None) -> List[Tensor]:
+    def abs_pow_leaves(self, p: float, device: torch.device) -> List[Tensor]:
         """``|w|^p`` of every leaf in float64, in leaf order: one multi-tensor copy of the current
-        parameters (``sources``, in leaf order; by default read from their modules) into reused
-        buffers, then an in-place power."""
-        if sources is None:
-            sources = [layer.effective(kind) for _, layer, kind in self.leaf_sources]
+        parameters into reused buffers, then an in-place power."""
+        sources = [layer.effective(kind) for _, layer, kind in self.leaf_sources]
         buffers = self._leaf_buffers.get(device)
         if buffers is None or any(b.shape != t.shape for b, t in zip(buffers, sources)):
             buffers = self._leaf_buffers[device] = [torch.empty(t.shape, dtype=torch.float64, device=device)
@@ -226,33 +224,23 @@ class TapeEvaluator:
 
     @property
     def compiled(self) -> bool:
-        """Forward and backward up to ``stop`` are one op each (:meth:`forward_op`, :meth:`backward_op`)."""
+        """Forward and backward up to ``stop`` are compiled programs: the forward one op
+        (:meth:`forward_op`), a conv net's whole step one op (:meth:`trunk_layout`)."""
         return self.forward_program is not None and self.slot_values is not None and not self.local_nodes
 
-    def forward_op(self, p: float, device: torch.device,
-                   sources: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
-        """``(leaves, values)``: the forward program's run without per-node Python (``sources``: the
-        parameters in leaf order, as :meth:`abs_pow_leaves`; ``values``: the forward op's output)."""
-        leaves = self.abs_pow_leaves(p, device, sources)
+    def forward_op(self, p: float, device: torch.device) -> Tuple[List[Tensor], List[Tensor]]:
+        """``(leaves, values)``: the forward program's run without per-node Python (``values``: the
+        forward op's output)."""
+        leaves = self.abs_pow_leaves(p, device)
         return leaves, ops.abs_pow_forward(self.ones_input(device), leaves, self.forward_program, self.vjp_factors(p))
 
-    def _slot_values(self, values: List[Tensor], device: torch.device) -> List[Tensor]:
-        """The VJP's values (slot order) from :meth:`forward_op`'s output."""
-        ones = self.ones_input(device)
-        return [ones if k < 0 else values[k] for k in self.slot_values]
-
-    def stop_value(self, values: List[Tensor], device: torch.device) -> Tensor:
-        """The value at ``stop`` in :meth:`forward_op`'s output (compiled evaluators with a ``stop``)."""
-        k = self.slot_values[self.slots[self.stop]]
-        return self.ones_input(device) if k < 0 else values[k]
-
-    def backward_op(self, values: List[Tensor], leaves: List[Tensor], seed: Tensor, p: float) -> List[Tensor]:
-        """:meth:`backward` of a compiled evaluator with a ``stop`` from :meth:`forward_op`'s output:
-        kappa of every leaf, in leaf order (``seed``: d phi_p^p / d value at ``stop``, any shape)."""
-        slot_values = self._slot_values(values, leaves[0].device)
+    def trunk_layout(self, trunk: int, bias_layers: List[int]) -> List[int]:
+        """``trunk_chain_step_``'s layout (:func:`pathsgd.reference.trunk_layout`) of a compiled
+        evaluator with a ``stop`` (the head's input): ``trunk`` leaf parameters come first in the
+        op's params, then a dense head with ``bias_layers``."""
         stop = self.slots[self.stop]
-        return ops.abs_pow_vjp(slot_values, leaves, [seed.reshape(slot_values[stop].shape)], [stop], self.program,
-                               self.vjp_factors(p))
+        return reference.trunk_layout(trunk, (1,) + tuple(self.graph.input_shape), self.slot_values[stop], stop,
+                                      bias_layers, self.forward_program, self.slot_values, self.program)
 
     @torch.no_grad()
     def forward(self, p: float) -> Activations:

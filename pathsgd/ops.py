@@ -24,10 +24,11 @@ from torch import Tensor
 from . import reference
 from .sgd_params import SgdParams
 
-_OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_",
-             "abs_pow_forward", "abs_pow_vjp")
+_OP_NAMES = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "trunk_chain_step_", "scaled_sgd_update_",
+             "clamp_", "abs_pow_forward", "abs_pow_vjp")
 # The ops with CUDA kernels in csrc/cuda/ (what the CPU emulation of the CUDA code registers).
-CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "scaled_sgd_update_", "clamp_")
+CUDA_KERNEL_OPS = ("gamma_forward", "fused_dense_step_", "dense_chain_step_", "trunk_chain_step_",
+                   "scaled_sgd_update_", "clamp_")
 BACKENDS = ("auto", "compiled", "reference", "cuda-emu")
 
 
@@ -172,6 +173,11 @@ class use_reference:
         _FORCED_REFERENCE = self.previous
 
 
+def reference_forced() -> bool:
+    """True inside ``use_reference(True)``: the ops run their twins."""
+    return _FORCED_REFERENCE
+
+
 def _use_compiled(t: Tensor) -> bool:
     if _FORCED_REFERENCE:
         return False
@@ -215,14 +221,25 @@ def dense_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffer
         reference.dense_chain_step_(*lists, p, sgd)
 
 
-def dense_chain_step_kernel(device_type: str) -> Optional[Callable[..., None]]:
-    """The compiled ``dense_chain_step_`` for tensors on ``device_type`` itself (None without one),
-    called with the op's arguments (``sgd`` packed), for a step plan: a small model's step is mostly
-    the cost of calling it, and this skips the wrapper's backend choice and the OpOverload's Python
-    frame."""
+def trunk_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], layout: List[int],
+                      factors: List[float], p: float, sgd: SgdParams, workspace: Optional[Tensor] = None) -> None:
+    """A conv net's whole Path-SGD step (trunk forward, head chain, trunk VJP and update) in one
+    call; see the reference. ``workspace``: the head chain's (as :func:`dense_chain_step_`)."""
+    lists = (params, grads, momentum_buffers, layout, factors)
+    if _use_compiled(params[0]):
+        _K.trunk_chain_step_.default(*lists, p, sgd.packed(), sgd.lr_tensor, workspace)
+    else:
+        reference.trunk_chain_step_(*lists, p, sgd)
+
+
+def step_kernel(name: str, device_type: str) -> Optional[Callable[..., None]]:
+    """The compiled ``dense_chain_step_`` or ``trunk_chain_step_`` (``name``) for tensors on
+    ``device_type`` itself (None without one), called with the op's arguments (``sgd`` packed), for a
+    step plan: a small model's step is mostly the cost of calling it, and this skips the wrapper's
+    backend choice and the OpOverload's Python frame."""
     if not has_kernel(device_type):
         return None
-    overload = _K.dense_chain_step_.default
+    overload = getattr(_K, name).default
     return getattr(overload, "_op", overload)
 
 
@@ -276,6 +293,10 @@ def _dense_chain_step_fake(params, grads, momentum_buffers, bias_layers, gamma0,
     return None
 
 
+def _trunk_chain_step_fake(params, grads, momentum_buffers, layout, factors, p, sgd, lr_tensor, workspace=None):
+    return None
+
+
 def _scaled_sgd_update_fake(params, grads, momentum_buffers, kappas, p, sgd, lr_tensor):
     return None
 
@@ -293,7 +314,7 @@ def _abs_pow_vjp_fake(values, leaves, seeds, seed_slots, program, factors):
 
 
 _FAKES = {"gamma_forward": _gamma_forward_fake, "fused_dense_step_": _fused_dense_step_fake,
-          "dense_chain_step_": _dense_chain_step_fake,
+          "dense_chain_step_": _dense_chain_step_fake, "trunk_chain_step_": _trunk_chain_step_fake,
           "scaled_sgd_update_": _scaled_sgd_update_fake, "clamp_": _clamp_fake,
           "abs_pow_forward": _abs_pow_forward_fake, "abs_pow_vjp": _abs_pow_vjp_fake}
 

@@ -13,7 +13,7 @@ normalized to a maximum in [1, 2] (or all zero), so deep networks stay in range.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -402,3 +402,69 @@ def abs_pow_vjp(values: List[Tensor], leaves: List[Tensor], seeds: List[Tensor],
         else:
             raise ValueError(f"abs_pow_vjp: unknown rule {rule} at position {pos - 2}")
     return [k if k is not None else torch.zeros_like(t) for k, t in zip(kappas, leaves)]
+
+
+def trunk_layout(trunk: int, input_shape: Sequence[int], stop_value: int, stop_slot: int, bias_layers: List[int],
+                 forward_program: List[int], slot_values: List[int], vjp_program: List[int]) -> List[int]:
+    """``trunk_chain_step_``'s ``layout``: one int list (one argument to convert a step)
+
+        [trunk, len(input_shape), *input_shape, stop_value, stop_slot, len(bias_layers), *bias_layers,
+         len(forward_program), *forward_program, len(slot_values), *slot_values, *vjp_program]
+
+    ``trunk``: how many of the op's params are the trunk's (leaf order, first); ``input_shape``: the
+    abs-pow network's all-ones input; ``stop_value``: the forward output at the head's input (-1: the
+    input); ``stop_slot``: its slot in the VJP program; ``slot_values``: the forward output of each VJP
+    slot (-1: the input); ``bias_layers``: the head's, as ``dense_chain_step_``."""
+    return [trunk, len(input_shape), *input_shape, stop_value, stop_slot, len(bias_layers), *bias_layers,
+            len(forward_program), *forward_program, len(slot_values), *slot_values, *vjp_program]
+
+
+def _read_trunk_layout(layout: List[int]) -> Dict[str, Any]:
+    """:func:`trunk_layout`'s fields from its list."""
+    pos = 0
+
+    def take(n: int) -> List[int]:
+        nonlocal pos
+        pos += n
+        return list(layout[pos - n:pos])
+
+    trunk, (ndim,) = take(1)[0], take(1)
+    fields: Dict[str, Any] = {"trunk": trunk, "input_shape": take(ndim)}
+    fields["stop_value"], fields["stop_slot"] = take(2)
+    fields["bias_layers"] = take(take(1)[0])
+    fields["forward_program"] = take(take(1)[0])
+    fields["slot_values"] = take(take(1)[0])
+    fields["vjp_program"] = list(layout[pos:])
+    return fields
+
+
+def trunk_chain_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor], layout: List[int],
+                      factors: List[float], p: float, sgd: SgdParams) -> None:
+    """The Path-SGD step of a conv net (a trunk of abs-pow programs, then a dense chain), composed of
+    the ops: with ``T`` = the trunk's parameters (the first ``trunk`` of ``params``; ``layout``:
+    :func:`trunk_layout`),
+
+        leaves = |T|^p (float64);  values = abs_pow_forward(ones(input_shape), leaves)
+        gamma = values[stop_value] (flattened);  dense_chain_step_(head, ..., gamma0=[gamma])
+        kappa(T) = abs_pow_vjp(values, leaves, seed = gamma, now the head's gamma_out at its input)
+        scaled_sgd_update_(T, kappa(T))
+    """
+    t = _read_trunk_layout(layout)
+    n = t["trunk"]
+    momentum = sgd.momentum != 0
+    trunk, trunk_grads, trunk_buffers = params[:n], grads[:n], momentum_buffers[:n] if momentum else []
+    leaves = [w.to(torch.float64, copy=True) for w in trunk]
+    abs_pow_list_(leaves, p)
+    ones = torch.ones(t["input_shape"], dtype=torch.float64, device=leaves[0].device)
+    values = abs_pow_forward(ones, leaves, t["forward_program"], factors)
+
+    def value(k: int) -> Tensor:
+        return ones if k < 0 else values[k]
+
+    slots = [value(k) for k in t["slot_values"]]
+    gamma = value(t["stop_value"]).reshape(-1).clone()
+    dense_chain_step_(params[n:], grads[n:], momentum_buffers[n:] if momentum else [], t["bias_layers"], [gamma], p,
+                      sgd)
+    stop = t["stop_slot"]
+    kappas = abs_pow_vjp(slots, leaves, [gamma.reshape(slots[stop].shape)], [stop], t["vjp_program"], factors)
+    scaled_sgd_update_(trunk, trunk_grads, trunk_buffers, kappas, p, sgd)

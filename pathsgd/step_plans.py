@@ -3,9 +3,10 @@ the ops with no per-parameter Python objects (what a small model's step costs ot
 
 * :class:`ChainStepPlan`: an MLP (the whole model is one dense chain): ONE
   ``pathsgd::dense_chain_step_`` call a step.
-* :class:`TrunkStepPlan`: a conv net (a trunk and a dense head): trunk forward -> the head's
-  ``dense_chain_step_`` (it returns the gamma_out at the head input) -> the trunk's backward
-  (``pathsgd::abs_pow_vjp``) seeded with it -> ONE ``scaled_sgd_update_`` of the trunk.
+* :class:`TrunkStepPlan`: a conv net (a trunk and a dense head): ONE ``pathsgd::trunk_chain_step_``
+  call a step (trunk forward -> the head's dense chain, which gives the gamma_out at the head
+  input -> the trunk's backward seeded with it -> the trunk's update), when every trunk node has
+  a compiled rule; otherwise the same order with the evaluator's per-node Python.
 
 Both do what :func:`pathsgd.functional.path_sgd` does for the same step, in the same order, with
 the same ops (the same bits). :meth:`ChainStepPlan.step` returns False, having changed nothing,
@@ -65,7 +66,7 @@ class ChainStepPlan:
         self.slots = [(layer.module._parameters, "weight", layer.weight_param) for layer in layers]
         self.slots += [(layers[i].module._parameters, "bias", layers[i].bias_param) for i in self.bias_layers]
         self.device = self.chain_params[0].device
-        self.kernel = ops.dense_chain_step_kernel(self.device.type)  # None: no compiled kernel (no plan)
+        self.kernel = ops.step_kernel("dense_chain_step_", self.device.type)  # None: no compiled kernel (no plan)
         # The chain op's small tensors, kept across steps (it grows to their size at the first step).
         self.workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
         self._hyper: tuple = ()  # (the group's values, p, their SgdParams, packed) of the latest step
@@ -88,14 +89,20 @@ class ChainStepPlan:
         """Every parameter of the plan is still the one its module holds (none was replaced)."""
         return all(params.get(name) is t for params, name, t in self.slots)
 
-    def _chain_args(self, state: Dict[Tensor, Any]) -> Optional[tuple]:
-        """The chain's ``(grads, momentum buffers)`` for ``dense_chain_step_``, or None (the general path)."""
+    def _on_device(self) -> bool:
+        """The chain is on the plan's device type (its workspace follows it to another GPU)."""
         device = self.chain_params[0].device
         if device != self.device:
             if device.type != self.device.type:
-                return None
+                return False
             self.device = device  # the model moved to another GPU
             self.workspace = torch.empty(0, dtype=torch.uint8, device=device)
+        return True
+
+    def _chain_args(self, state: Dict[Tensor, Any]) -> Optional[tuple]:
+        """The chain's ``(grads, momentum buffers)`` for ``dense_chain_step_``, or None (the general path)."""
+        if not self._on_device():
+            return None
         return _grads_and_buffers(self.chain_params, state, self.group["momentum"] != 0)
 
     def _run_chain(self, grads: List[Tensor], buffers: List[Tensor], gamma0: List[Tensor], p: float,
@@ -121,9 +128,10 @@ class TrunkStepPlan(ChainStepPlan):
     trunk layer's kappa materialized by the trunk's tape (no dense layer in the trunk).
 
     When the trunk's forward and backward are compiled programs (every node has a compiled rule),
-    a step is the evaluator's ``forward_op`` (float64 ``|w|^p`` leaves, ``abs_pow_forward``), the
-    head's ``dense_chain_step_``, ``backward_op`` (``abs_pow_vjp`` seeded with its gamma_out) and
-    ``scaled_sgd_update_``: ``forward`` / ``backward`` without their per-node Python.
+    a step is ONE ``pathsgd::trunk_chain_step_`` call: the trunk's abs-pow forward program, the head's
+    dense chain, the trunk's VJP program seeded with the head's gamma_out and its update, with no
+    Python between them. Otherwise the evaluator's ``forward`` / ``backward`` (per-node Python) run
+    around the head's ``dense_chain_step_``, and ONE ``scaled_sgd_update_`` updates the trunk.
     """
 
     def __init__(self, graph: PathGraph, group: Dict[str, Any]) -> None:
@@ -137,8 +145,11 @@ class TrunkStepPlan(ChainStepPlan):
         self._checked_buffers: tuple = ([], [])  # (the parameters' dtypes, the buffers) last found to match
         self.slots += [(layer.module._parameters, kind, t)
                        for (_, layer, kind), t in zip(evaluator.leaf_sources, self.trunk_params)]
-        # forward_op / backward_op: the evaluator's passes without their per-node Python
         self.compiled = evaluator.compiled and bool(self.trunk_params)
+        if self.compiled:  # the whole step is one op: its arguments, resolved once
+            self.step_params = self.trunk_params + self.chain_params
+            self.layout = evaluator.trunk_layout(len(self.trunk_params), self.bias_layers)
+            self.trunk_kernel = ops.step_kernel("trunk_chain_step_", self.device.type)
 
     def _trunk_args(self, state: Dict[Tensor, Any]) -> Optional[tuple]:
         """The trunk's (grads, buffers), or None when one does not match its parameter (the
@@ -167,27 +178,37 @@ class TrunkStepPlan(ChainStepPlan):
         graph = self.graph
         if any(m.training for m in graph.batchnorms.values()):
             return False  # the general path raises the error that names the module
+        if self.compiled:
+            return self._step_op(state)
         chain = self._chain_args(state)
         trunk = self._trunk_args(state) if chain is not None else None
         if trunk is None:
             return False
         p, sgd, packed = self.hyper()
-        evaluator = self.evaluator
-        if self.compiled:
-            device = self.device
-            leaves, values = evaluator.forward_op(p, device, self.trunk_params)
-            x = evaluator.stop_value(values, device)
-        else:
-            acts = evaluator.forward(p)
-            x = acts.env[graph.head_input]
-        gamma = x.reshape(-1).clone()  # the head's input gamma, then (written by the op) its gamma_out
+        acts = self.evaluator.forward(p)
+        gamma = acts.env[graph.head_input].reshape(-1).clone()  # the head's input gamma, then its gamma_out
         if not self._run_chain(*chain, [gamma], p, sgd, packed):
             return False
-        seed = gamma
-        if self.compiled:
-            kappas = evaluator.backward_op(values, leaves, seed, p)
-        else:
-            found = evaluator.backward(acts, seed).kappas
-            kappas = [found[name] for name in self.leaf_names]
-        ops.scaled_sgd_update_(self.trunk_params, *trunk, kappas, p, sgd)
+        found = self.evaluator.backward(acts, gamma).kappas
+        ops.scaled_sgd_update_(self.trunk_params, *trunk, [found[name] for name in self.leaf_names], p, sgd)
+        return True
+
+    def _step_op(self, state: Dict[Tensor, Any]) -> bool:
+        """The step as one ``trunk_chain_step_`` (it checks every tensor it writes before it changes
+        anything: False, having changed nothing, when it refuses one)."""
+        found = _grads_and_buffers(self.step_params, state, self.group["momentum"] != 0) if self._on_device() else None
+        if found is None:
+            return False
+        p, sgd, packed = self.hyper()
+        evaluator = self.evaluator
+        kernel = self.trunk_kernel if not ops.reference_forced() else None
+        try:
+            if kernel is not None:
+                kernel(self.step_params, *found, self.layout, evaluator.vjp_factors(p), p, packed, sgd.lr_tensor,
+                       self.workspace)
+            else:
+                ops.trunk_chain_step_(self.step_params, *found, self.layout, evaluator.vjp_factors(p), p, sgd,
+                                      self.workspace)
+        except RuntimeError:
+            return False
         return True

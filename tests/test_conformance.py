@@ -30,6 +30,7 @@ import pathsgd
 from pathsgd import ops
 from pathsgd.graph import unwrap_model
 from pathsgd.sgd_params import SgdParams
+from test_trunk_chain_step import Case as trunk_case
 
 F64 = torch.float64
 
@@ -726,6 +727,7 @@ def test_opcheck_half_dtypes(dtype):
         ("dense_chain_step_", ([w.clone(), w2.clone(), b.clone()], [g, g2, b.clone()],
                                [buf.clone(), buf2.clone(), b.clone()], [0], [], 2.0,
                                SgdParams(0.1, 0.9, 0.0, 0.01, True, eps=1e-12, clamp_max=1.0).packed(), None)),
+        ("trunk_chain_step_", trunk_case(0, dtype, 2.0, 1).args("cpu")),  # a small conv net
     ]
     # abs_pow_forward / abs_pow_vjp work on the float64 abs-pow network whatever the parameters' dtype.
     assert {n for n, _ in samples} == set(ops._OP_NAMES) - {"abs_pow_forward", "abs_pow_vjp"}

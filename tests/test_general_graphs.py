@@ -777,16 +777,16 @@ def evaluation(request, monkeypatch) -> Tuple[str, List[int]]:
     the autograd evaluator (its twin, chosen explicitly). All must match the oracle. Returns the
     mode ("taped" for both tape modes) and the list of taped backward runs, so a test can check
     the tape was used."""
-    from pathsgd import eval_tape, graph, ops
+    from pathsgd import eval_tape, graph, ops, step_plans
     runs: List[int] = []
     if request.param == "autograd":
         with graph.use_evaluator("autograd"):
             yield "autograd", runs
         return
-    for name in ("backward", "backward_op"):  # backward_op: a conv net's step plan
-        method = getattr(eval_tape.TapeEvaluator, name)
-        monkeypatch.setattr(eval_tape.TapeEvaluator, name,
-                            lambda self, *a, _method=method, **k: runs.append(1) or _method(self, *a, **k))
+    # the step plan of a conv net whose trunk is compiled programs runs the tape inside one op
+    for cls, name in ((eval_tape.TapeEvaluator, "backward"), (step_plans.TrunkStepPlan, "_step_op")):
+        method = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _method=method, **k: runs.append(1) or _method(self, *a, **k))
     with ops.use_reference(request.param == "taped-reference"):
         yield "taped", runs
 

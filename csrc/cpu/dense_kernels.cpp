@@ -8,6 +8,7 @@
 
 #include "cpu_common.h"
 #include "../dense_chain_step.h"
+#include "../trunk_chain_step.h"
 
 namespace pathsgd {
 namespace {
@@ -611,12 +612,21 @@ void dense_chain_step_cpu(
   dense_chain_walk(chain, n, bias_layers);
 }
 
+// A conv net's step in one call (csrc/trunk_chain_step.h) over the CPU chain and update kernels.
+void trunk_chain_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          at::IntArrayRef layout, at::ArrayRef<double> factors, double p, at::ArrayRef<double> sgd,
+                          const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace) {
+  trunk_chain_step(params, grads, momentum_buffers, layout, factors, p, sgd, lr_tensor, workspace,
+                   dense_chain_step_cpu, scaled_sgd_update_cpu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pathsgd, CPU, m) {
   m.impl("gamma_forward", &gamma_forward_cpu);
   m.impl("fused_dense_step_", &fused_dense_step_cpu);
   m.impl("dense_chain_step_", &dense_chain_step_cpu);
+  m.impl("trunk_chain_step_", &trunk_chain_step_cpu);
 }
 
 }  // namespace pathsgd

@@ -12,6 +12,7 @@
 
 #include "cuda_common.cuh"
 #include "../dense_chain_step.h"
+#include "../trunk_chain_step.h"
 #include "../workspace.h"
 
 namespace pathsgd {
@@ -546,12 +547,24 @@ void dense_chain_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                    gamma_forward_cuda_in, fused_dense_step_cuda_in, scaled_sgd_update_cuda);
 }
 
+// A conv net's step in one call (csrc/trunk_chain_step.h) over the CUDA chain and update kernels.
+void trunk_chain_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           at::IntArrayRef layout, at::ArrayRef<double> factors, double p, at::ArrayRef<double> sgd,
+                           const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& workspace) {
+  TORCH_CHECK(!params.empty(), "pathsgd.trunk_chain_step_: needs the trunk's and the head's parameters");
+  check_cuda_tensor(params[0], params[0].device(), "trunk_chain_step_", "params[0]");
+  const c10::cuda::CUDAGuard guard(params[0].device());  // the trunk's small tensors and ops
+  trunk_chain_step(params, grads, momentum_buffers, layout, factors, p, sgd, lr_tensor, workspace,
+                   dense_chain_step_cuda, scaled_sgd_update_cuda);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pathsgd, CUDA, m) {
   m.impl("gamma_forward", &gamma_forward_cuda);
   m.impl("fused_dense_step_", &fused_dense_step_cuda);
   m.impl("dense_chain_step_", &dense_chain_step_cuda);
+  m.impl("trunk_chain_step_", &trunk_chain_step_cuda);
 }
 
 }  // namespace cuda
