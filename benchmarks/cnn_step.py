@@ -14,7 +14,7 @@ blocks is reported, and the median of the per-round PathSGD/SGD ratios as a pair
 * ``optimizer.step() only``: the step on fixed gradients, every block from the state after the warm-up
   steps (restored before each block). Momentum entries of units whose gradient became zero decay into
   subnormal numbers and stay there (0.9 x 4 ulps rounds back to 4 ulps); each costs a microcode assist
-  per arithmetic op, which slowed both optimizers' steps up to 4x and made this ratio depend on how
+  per arithmetic op, which slowed both optimizers' steps 2x to 5x and made this ratio depend on how
   long the process had trained (the counts are reported). Target: <= 2.5x torch SGD (foreach).
 * ``conv path scales``: the abs-pow network (float64, all-ones input) a PathSGD step runs for the conv
   trunk (the tape evaluator's forward and backward up to the head input, seeded with ones there; the
@@ -228,7 +228,7 @@ def run(rounds: int = 30, block_s: float = 0.1, warmup: int = 10, threads: int |
 
     # Every block of steps on fixed gradients starts from the state after the warm-up steps: the
     # momentum entries of units whose gradient became zero decay into subnormal numbers (stuck at a few
-    # ulps: 0.9 x 4 ulps rounds back to 4 ulps), which slowed both optimizers' steps up to 4x, by how
+    # ulps: 0.9 x 4 ulps rounds back to 4 ulps), which slowed both optimizers' steps 2x to 5x, by how
     # many of them the training so far made (reported at the end of the train-step timing).
     for s in setups.values():
         s.snapshot()
