@@ -588,6 +588,20 @@ def test_gamma_forward(target, shape, dtype, p, bias):
     assert same_bits(v3, v_k) and same_bits(t3, t_k), "an unaligned weight gives other bits"
 
 
+@pytest.mark.parametrize("target,cols,dtype,p", cases(([5, 16, 71, 200], [F32, F64, BF16], PS)))
+def test_gamma_forward_row_does_not_depend_on_its_neighbours(target, cols, dtype, p):
+    """The CPU kernel reduces rows in groups of four (a tail one by one): shifting the rows by one
+    moves every row to another place in its group, or into the tail, and must give the same bits."""
+    dev, ns = target.device, target.ns
+    gen = _gen(seed_of((11, cols), dtype, p))
+    weight = tensor((11, cols), dtype, gen)
+    gamma_in = gamma_vec(cols, dtype, gen).to(dev)
+    s = log_scale(0.3).to(dev)
+    v, t = ns.gamma_forward.default(weight.to(dev), None, gamma_in, s, p)
+    v_shifted, t_shifted = ns.gamma_forward.default(weight.roll(1, 0).contiguous().to(dev), None, gamma_in, s, p)
+    assert same_bits(v_shifted, v.roll(1, 0)) and same_bits(t_shifted, t)
+
+
 @pytest.mark.parametrize("target,layout,dtype", cases((["transposed", "strided"], [F32, F64])))
 def test_gamma_forward_non_contiguous(target, layout, dtype):
     dev = target.device
