@@ -107,11 +107,15 @@ class Chain:
                 sgd.packed(), sgd.lr_tensor)
 
     def sgd(self, device: str) -> SgdParams:
-        h = self.h
-        lo, hi = h["clamp"] if h["clamp"] else (None, None)
-        lr = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else 0.05
-        return SgdParams(lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
-                         h["first_step"], 1e-3, lo, hi)
+        return sgd_params(self.h, device)
+
+
+def sgd_params(h: dict, device: str) -> SgdParams:
+    """The SgdParams of a HYPERS entry (lr 0.05, a tensor on ``device`` when ``lr_tensor``)."""
+    lo, hi = h["clamp"] if h["clamp"] else (None, None)
+    lr = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else 0.05
+    return SgdParams(lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
+                     h["first_step"], 1e-3, lo, hi)
 
 
 def twin(*args):
@@ -261,8 +265,11 @@ def test_dense_chain_step_strided_tensors_and_mixed_dtypes(target, p):
     assert all(not torch.equal(a.cpu(), b) for a, b in zip(strided[0], case.weights + case.biases))
 
 
-def _bad(args, **changes) -> tuple:
-    names = ["params", "grads", "momentum_buffers", "bias_layers", "gamma0"]
+CHAIN_ARG_NAMES = ("params", "grads", "momentum_buffers", "bias_layers", "gamma0")
+
+
+def _bad(args, names=CHAIN_ARG_NAMES, **changes) -> tuple:
+    """``args`` with the arguments named in ``changes`` (``names``: the op's leading arguments) replaced."""
     args = list(args)
     for key, value in changes.items():
         args[names.index(key)] = value

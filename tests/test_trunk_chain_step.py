@@ -27,7 +27,7 @@ import pathsgd
 from pathsgd import ops, reference
 from pathsgd.sgd_params import SgdParams
 from pathsgd.step_plans import TrunkStepPlan
-from test_dense_chain_step import HYPERS, TARGETS, assert_close, same_bits
+from test_dense_chain_step import HYPERS, TARGETS, _bad, _with, same_bits, sgd_params
 
 F64 = torch.float64
 
@@ -96,17 +96,10 @@ class Case:
         self.grads = [draw(t, 1.0) for t in self.params]
         self.buffers = [draw(t, 0.1) for t in self.params]
 
-    def sgd(self, device: str) -> SgdParams:
-        h = self.h
-        lo, hi = h["clamp"] if h["clamp"] else (None, None)
-        lr = torch.tensor(0.05, dtype=F64, device=device) if h["lr_tensor"] else 0.05
-        return SgdParams(lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], h["maximize"],
-                         h["first_step"], 1e-3, lo, hi)
-
     def args(self, device: str) -> tuple:
         """Fresh copies on ``device`` of everything the op mutates, in the op's argument order."""
         to = lambda ts: [t.clone().to(device) for t in ts]  # noqa: E731
-        sgd = self.sgd(device)
+        sgd = sgd_params(self.h, device)
         buffers = to(self.buffers) if self.h["momentum"] != 0 else []
         return (to(self.params), to(self.grads), buffers, list(self.layout), list(self.factors), self.p,
                 sgd.packed(), sgd.lr_tensor)
@@ -195,16 +188,7 @@ def test_trunk_chain_step_strided_grads(target):
         assert same_bits(a, b), f"output {i} differs with strided grads"
 
 
-def _bad(args, **changes) -> tuple:
-    names = ["params", "grads", "momentum_buffers", "layout", "factors", "p"]
-    args = list(args)
-    for key, value in changes.items():
-        args[names.index(key)] = value
-    return tuple(args)
-
-
-def _with(ts: list, index: int, t: torch.Tensor) -> list:
-    return ts[:index] + [t] + ts[index + 1:]
+TRUNK_ARG_NAMES = ("params", "grads", "momentum_buffers", "layout", "factors", "p")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -234,7 +218,7 @@ def test_trunk_chain_step_bad_arguments_raise_and_change_nothing(target):
     ]
     for changes, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
-            ns.trunk_chain_step_.default(*_bad(args, **changes))
+            ns.trunk_chain_step_.default(*_bad(args, TRUNK_ARG_NAMES, **changes))
         for a, b in zip(_state(args), before):
             assert torch.equal(a, b), f"{changes}: the failed call changed a tensor"
 
